@@ -1,0 +1,845 @@
+"""Plumbing shared by every model script: data, checkpoints, run folder, logging, seeding, devices, DDP.
+
+Nothing in here knows about a particular GAN. Each model script (dcgan.py, lsgan.py, ...) keeps its
+own model, losses and training loop and calls into this file for everything else:
+
+    args = common.parse_args(parser)          # the shared CLI; --resume reloads the run's own flags
+    run = common.Run(args, 'dcgan')           # device, seed, torchrun/DDP, run folder, signals
+    images = run.load_images()                # uint8 (N, 3, H, W), decoded once, cached
+    run.setup(models, optims, model_args, fixed=(fixed_z,), sample_inputs=sample_inputs)
+    for step, real in run.batches(images):    # logs, grids and checkpoints happen between steps
+        ...
+    run.finish()                              # final checkpoint, samples/, progress.gif, loss curve
+
+A script also exposes `Generator(**model_args)` and `sample_inputs(model_args, n, device, generator)`,
+so that `--sample`, fid.py and the tests rebuild a generator from a checkpoint file alone.
+"""
+import argparse
+import csv
+import importlib
+import io
+import json
+import math
+import os
+import signal
+import sys
+import time
+import zipfile
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+CKPT_FORMAT = 1
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(HERE, 'data', 'faces')
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 1, no traceback."""
+
+
+def fail(msg):
+    raise UserError(msg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+def base_parser(doc, epochs, batch_size):
+    """The flags every training script shares. Scripts add their own model/optimiser flags."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--data', default=DEFAULT_DATA, help='folder of images (recursive), a .zip of images, or a data '
+      'cache .pt written by an earlier run (default: the bundled sample, %(default)s)')
+    a('--out', default=None, help='run folder (default: runs/<script>; with --sample: <ckpt dir>/sample)')
+    a('--epochs', type=int, default=epochs, help='passes over the data (default: %(default)s)')
+    a('--batch-size', type=int, default=batch_size, help='global batch size (default: %(default)s)')
+    a('--image-size', type=int, default=64, help='images are center-cropped and resized to this (default: %(default)s)')
+    a('--flip', action=argparse.BooleanOptionalAction, default=False,
+      help='random horizontal flips of the real images (default: %(default)s)')
+    a('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'],
+      help='auto = cuda, else mps, else cpu (default: %(default)s)')
+    a('--precision', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'],
+      help='autocast dtype; auto = bf16 on CPUs with native bf16 and on CUDA GPUs with bf16, else fp32; '
+      'fp16 only on CUDA, with loss scaling; weights stay fp32 (default: %(default)s)')
+    a('--channels-last', action=argparse.BooleanOptionalAction, default=True,
+      help='NHWC memory layout, faster convolutions on CPU and tensor cores (default: %(default)s)')
+    a('--seed', type=int, default=0, help='seeds weights, noise, data order and the fixed grid z (default: %(default)s)')
+    a('--deterministic', action='store_true', help='deterministic kernels only (slower on CUDA)')
+    a('--resume', action='store_true', help='continue the run in --out from its ckpt.pt, exactly; '
+      'flags not given again keep the values the run started with')
+    a('--log-every', type=int, default=50, help='steps between progress lines / losses.csv rows (default: %(default)s)')
+    a('--grid-every', type=int, default=500, help='steps between fixed-z sample grids (default: %(default)s)')
+    a('--save-every', type=int, default=1000, help='steps between checkpoints (default: %(default)s)')
+    a('--snapshot-every', type=int, default=10,
+      help='epochs between generator snapshots in snapshots/, for scoring later; 0 = off (default: %(default)s)')
+    a('--n-samples', type=int, default=10000,
+      help='individual PNGs written to samples/ at the end, for FID (default: %(default)s)')
+    a('--sample', type=int, default=0, metavar='N',
+      help='only generate: write N images and grids from --ckpt, then exit')
+    a('--ckpt', default=None, help='checkpoint for --sample (default: <out>/ckpt.pt)')
+    return p
+
+
+def parse_args(parser, argv=None):
+    """Parse flags. With --resume, the run's saved flags become the defaults, so
+    `python dcgan.py --out RUN --resume` continues with exactly the settings it started with."""
+    args = parser.parse_args(argv)
+    if args.resume and not args.sample:
+        out = args.out or default_out(parser.prog)
+        path = os.path.join(out, 'ckpt.pt')
+        if not os.path.exists(path):
+            parser.error(f'--resume: no checkpoint at {path}; start a new run without --resume')
+        saved = load_checkpoint(path)['args']
+        known = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in ('resume', 'sample', 'ckpt')})
+        args = parser.parse_args(argv)
+    for name in ('epochs', 'batch_size', 'image_size', 'log_every', 'grid_every', 'save_every'):
+        if getattr(args, name) <= 0:
+            parser.error(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
+    if args.n_samples < 0 or args.sample < 0 or args.snapshot_every < 0:
+        parser.error('--n-samples, --sample and --snapshot-every must be >= 0')
+    return args
+
+
+def default_out(prog):
+    return os.path.join('runs', os.path.splitext(os.path.basename(prog))[0])
+
+
+def main_guard(fn, argv=None):
+    """Run a script's main(): user errors become one line on stderr and exit code 1."""
+    try:
+        return fn(argv)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices, precision, seeding, distributed
+
+def pick_device(name='auto', local_rank=0):
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if name == 'cuda':
+        if not torch.cuda.is_available():
+            fail('--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu')
+        return torch.device('cuda', local_rank)
+    if name == 'mps' and not torch.backends.mps.is_available():
+        fail('--device mps: MPS is not available on this machine; use --device cpu')
+    return torch.device(name)
+
+
+def cpu_has_bf16():
+    fn = getattr(torch.cpu, '_is_avx512_bf16_supported', None)
+    return bool(fn and fn())
+
+
+def pick_precision(name, device):
+    """The autocast dtype, or None for plain fp32."""
+    if name == 'auto':
+        if device.type == 'cuda':
+            name = 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+        else:
+            name = 'bf16' if device.type == 'cpu' and cpu_has_bf16() else 'fp32'
+    if name == 'fp16' and device.type != 'cuda':
+        fail('--precision fp16 needs CUDA (fp16 on CPU is slow and needs loss scaling); use bf16 or fp32')
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[name]
+
+
+def seed_everything(seed, deterministic=False):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True   # fixed input shapes: let cuDNN pick the fastest kernels
+
+
+def setup_distributed(device_name):
+    """Set up torchrun's process group if launched by torchrun; returns (rank, world_size, device).
+
+    Gradients are averaged across processes by Run.step with one all_reduce per model. A GAN step runs
+    D several times before one backward and back-propagates the G loss through D, which the DDP wrapper
+    handles awkwardly; the explicit all-reduce keeps every loop identical to its one-process form."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
+    device = pick_device(device_name, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if device.type == 'cpu':   # share the physical cores between the processes on this machine
+        local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        torch.set_num_threads(max(1, physical_cores() // local_world))
+    return rank, world, device
+
+
+def physical_cores():
+    """Physical cores (hyper-threads share one core's vector units, so more threads than cores only adds
+    contention); from /proc/cpuinfo on Linux, else os.cpu_count()."""
+    try:
+        pairs, phys = set(), None
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('physical id'):
+                    phys = line.split(':')[1].strip()
+                elif line.startswith('core id'):
+                    pairs.add((phys, line.split(':')[1].strip()))
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        return max(1, min(len(pairs) or allowed, allowed))
+    except OSError:
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images: decoded once into one uint8 tensor, kept in memory
+
+def list_images(root):
+    files = []
+    for d, subdirs, names in os.walk(root):
+        subdirs.sort()
+        files += [os.path.join(d, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
+    return files
+
+
+def to_rgb(im):
+    """Any PIL mode to RGB; transparency is composited on white (a black background would leak into the
+    colour statistics of line-art with alpha)."""
+    if im.mode == 'P' and 'transparency' in im.info:
+        im = im.convert('RGBA')
+    if im.mode in ('RGBA', 'LA', 'PA'):
+        im = im.convert('RGBA')
+        bg = Image.new('RGBA', im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert('RGB')
+    return im.convert('RGB')
+
+
+def decode_image(fp, size):
+    """File or file-like -> uint8 array (size, size, 3): RGB, center-cropped to a square, resized."""
+    with Image.open(fp) as im:
+        im = to_rgb(im)
+    w, h = im.size
+    s = min(w, h)
+    if w != h:
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if s != size:
+        im = im.resize((size, size), Image.LANCZOS)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_all(items, size, where, log=print):
+    """items: list of (name, opener). Corrupt files are skipped and named; returns (uint8 NCHW, names)."""
+    arrays, names, bad = [], [], []
+    t0 = time.time()
+    for i, (name, opener) in enumerate(items):
+        try:
+            arrays.append(decode_image(opener(), size))
+            names.append(name)
+        except Exception as e:   # PIL raises many types for broken files
+            bad.append(f'{name} ({type(e).__name__})')
+        if (i + 1) % 5000 == 0:
+            log(f'decoded {i + 1}/{len(items)} images ({time.time() - t0:.0f}s)')
+    if bad:
+        log(f'warning: skipped {len(bad)} unreadable image(s) in {where}: {", ".join(bad[:5])}'
+            f'{" ..." if len(bad) > 5 else ""} (delete or re-save them to silence this)')
+    if not arrays:
+        fail(f'none of the {len(items)} image file(s) in {where} could be decoded; check that they are images')
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), names
+
+
+def load_images(src, size=64, cache=None, log=print):
+    """Images from a folder (recursive), a .zip, or a cache .pt -> (uint8 tensor (N,3,size,size), names).
+
+    Names are paths relative to the folder/zip (what a labels CSV refers to). When `cache` is given, the
+    decoded tensor is written there and reused while the source is unchanged, so a resumed or repeated
+    run never decodes again."""
+    if not os.path.exists(src):
+        fail(f'--data {src}: no such file or folder; point --data at a folder of images, a .zip, or a data .pt')
+    if src.endswith('.pt'):
+        return load_image_cache(src, size)
+    if src.endswith('.zip'):
+        try:
+            zf = zipfile.ZipFile(src)
+        except zipfile.BadZipFile:
+            fail(f'--data {src}: not a readable zip file; re-download it or pass the unpacked folder')
+        members = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_EXTS) and not n.startswith('__MACOSX'))
+        stamp = [os.path.abspath(src), os.path.getsize(src), os.path.getmtime(src), size]
+        items = [(n, lambda n=n: io.BytesIO(zf.read(n))) for n in members]
+    elif os.path.isdir(src):
+        files = list_images(src)
+        stamp = [os.path.abspath(src), len(files), sum(os.path.getmtime(f) + os.path.getsize(f) for f in files), size]
+        items = [(os.path.relpath(f, src).replace(os.sep, '/'), lambda f=f: f) for f in files]
+    else:
+        fail(f'--data {src}: expected a folder of images, a .zip or a data .pt')
+    if not items:
+        fail(f'--data {src}: no images ({" ".join(IMAGE_EXTS)}) found (searched recursively); '
+             f'put the training images there or point --data elsewhere')
+    if cache and os.path.exists(cache):
+        saved = torch.load(cache, weights_only=True)
+        if saved.get('stamp') == stamp:
+            return saved['images'], saved['files']
+    log(f'decoding {len(items)} images from {src} (once; later runs read the cache)')
+    images, names = decode_all(items, size, src, log)
+    if cache:
+        atomic_save({'images': images, 'files': names, 'stamp': stamp}, cache)
+    return images, names
+
+
+def load_image_cache(path, size):
+    try:
+        saved = torch.load(path, weights_only=True)
+        images, names = saved['images'], saved['files']
+    except Exception:
+        fail(f'--data {path}: not a data cache written by these scripts (expected keys images, files)')
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size:
+        fail(f'--data {path}: holds {tuple(images.shape)} {images.dtype}, expected uint8 (N, 3, {size}, {size}); '
+             f're-create it from the image folder with --image-size {size}')
+    return images, names
+
+
+class ImageBatches:
+    """Batches drawn from an in-memory uint8 tensor: epoch order and flips are a pure function of
+    (seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would have seen."""
+
+    def __init__(self, images, batch_size, seed, flip=False, device='cpu', rank=0, world=1, on_device=None):
+        if len(images) < batch_size:
+            fail(f'only {len(images)} images for --batch-size {batch_size}; lower --batch-size or add images')
+        if batch_size % world:
+            fail(f'--batch-size {batch_size} must be divisible by the number of processes ({world})')
+        self.device = torch.device(device)
+        on_device = self.device.type == 'cuda' if on_device is None else on_device
+        self.images = images.to(self.device) if on_device else images   # a GPU holds 19k faces in 230 MB
+        self.batch_size, self.seed, self.flip, self.rank, self.world = batch_size, seed, flip, rank, world
+        self.steps_per_epoch = len(images) // batch_size   # drop the last partial batch: fixed shapes
+        self._epoch, self._order = None, None
+
+    def order(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.images), generator=g), torch.rand(len(self.images), generator=g) < 0.5
+
+    def get(self, step):
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self.order(epoch)
+        perm, flips = self._order
+        idx = perm[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
+        x = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True).float()
+        if self.flip:
+            f = flips[idx].to(self.device).view(-1, 1, 1, 1)
+            x = torch.where(f, x.flip(3), x)
+        return x.div_(127.5).sub_(1.0)   # [0, 255] -> [-1, 1], the range of G's tanh
+
+
+# ----------------------------------------------------------------------------------------------------
+# Labels: CSV `file,attr1,attr2,...` joined to the images by file name
+
+def read_labels_csv(path):
+    """-> (attribute names, {file: [value or '' per attribute]}). Values are strings; '' = unknown."""
+    if not os.path.isfile(path):
+        fail(f'--labels {path}: no such file; give a CSV with a header `file,attr1,attr2,...`')
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        rows = list(csv.reader(f))
+    if not rows or not rows[0] or rows[0][0].strip().lower() != 'file' or len(rows[0]) < 2:
+        fail(f'--labels {path}: the first line must be a header `file,attr1,attr2,...`, got {rows[0] if rows else "an empty file"}')
+    attrs = [a.strip() for a in rows[0][1:]]
+    if len(set(attrs)) != len(attrs) or not all(attrs):
+        fail(f'--labels {path}: attribute names in the header must be unique and non-empty: {attrs}')
+    table = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if not row or not any(c.strip() for c in row):
+            continue
+        if len(row) != len(attrs) + 1:
+            fail(f'--labels {path}, line {n}: {len(row)} fields, expected {len(attrs) + 1} ({",".join(rows[0])})')
+        name = row[0].strip()
+        if name in table:
+            fail(f'--labels {path}, line {n}: {name} is listed twice')
+        table[name] = [c.strip() for c in row[1:]]
+    if not table:
+        fail(f'--labels {path}: no rows under the header')
+    return attrs, table
+
+
+def join_labels(path, names, vocab=None, require_all=True):
+    """Labels for `names` (image names relative to --data) -> (LongTensor (N, A), vocab).
+
+    vocab maps attribute -> sorted list of values; -1 marks an unknown value ('' in the CSV). Pass the
+    vocab of a checkpoint when resuming, so class indices keep their meaning. Rows are matched by the
+    relative path, or by the bare file name when that is unique."""
+    attrs, table = read_labels_csv(path)
+    by_base = {}
+    for k in table:
+        by_base.setdefault(os.path.basename(k), []).append(k)
+    keys, missing = [], []
+    for n in names:
+        same_base = by_base.get(os.path.basename(n), [])
+        k = n if n in table else same_base[0] if len(same_base) == 1 else None
+        keys.append(k)
+        if k is None:
+            missing.append(n)
+    if missing and require_all:
+        fail(f'--labels {path}: {len(missing)} of {len(names)} images have no row, e.g. {missing[0]}; '
+             f'add rows for them or remove them from --data')
+    if vocab is None:
+        vocab = {a: sorted({row[i] for row in table.values() if row[i]}) for i, a in enumerate(attrs)}
+    elif list(vocab) != attrs:
+        fail(f'--labels {path}: columns {attrs} differ from the checkpoint\'s {list(vocab)}')
+    y = torch.full((len(names), len(attrs)), -1, dtype=torch.long)
+    for r, k in enumerate(keys):
+        for i, a in enumerate(attrs):
+            v = table[k][i] if k else ''
+            if v:
+                if v not in vocab[a]:
+                    fail(f'--labels {path}: unknown {a}={v} for {k}; known values: {"|".join(vocab[a])}')
+                y[r, i] = vocab[a].index(v)
+    return y, vocab
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: one self-describing dict, written atomically, read as data (weights_only)
+
+def atomic_save(obj, path):
+    """torch.save to a temp file then rename: a crash mid-write never leaves a truncated checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    if not os.path.isfile(path):
+        fail(f'checkpoint {path} not found; train first or pass --ckpt PATH')
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        fail(f'checkpoint {path} is unreadable ({type(e).__name__}); it may be truncated: use an earlier one')
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
+        fail(f'{path} is not a checkpoint of these scripts (format {CKPT_FORMAT})')
+    return ckpt
+
+
+def generator_checkpoint(ckpt, half=False):
+    """The part of a training checkpoint needed to sample: small enough to share (fp16 with half=True)."""
+    name = ckpt['sample_model']
+    sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt['models'][name].items()}
+    keep = ('format', 'script', 'model_args', 'args', 'step', 'epoch', 'fixed', 'versions')
+    return {**{k: ckpt[k] for k in keep}, 'models': {name: sd}, 'sample_model': name}
+
+
+def load_generator(ckpt, device='cpu'):
+    """Rebuild the sampling generator (EMA where the script keeps one) from a checkpoint dict or path.
+    Returns (G in eval mode, script module)."""
+    if isinstance(ckpt, str):
+        ckpt = load_checkpoint(ckpt)
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    module = importlib.import_module(ckpt['script'])
+    G = module.Generator(**ckpt['model_args'])
+    sd = ckpt['models'][ckpt['sample_model']]
+    G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    return G.to(device).eval(), module
+
+
+@torch.no_grad()
+def generate(G, inputs, batch_size=256):
+    """G(*inputs) in eval mode (BatchNorm uses running statistics, so each image is independent of the
+    rest of the batch), in fp32, in batches; returns images in [-1, 1] on the CPU."""
+    was_training = G.training
+    G.eval()
+    n = len(inputs[0])
+    out = torch.cat([G(*(t[i:i + batch_size] for t in inputs)).float().cpu() for i in range(0, n, batch_size)])
+    G.train(was_training)
+    return out.clamp_(-1, 1)
+
+
+def to_uint8(x):
+    """[-1, 1] float -> uint8 (N, H, W, 3), rounded exactly as a saved PNG is (FID must see the same)."""
+    return ((x + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(x, path, nrow=8):
+    """Images in [-1, 1] -> one PNG grid."""
+    import torchvision.utils as vutils
+    grid = vutils.make_grid(x.float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(to_uint8(grid[None] * 2 - 1)[0]).save(path)
+
+
+def save_pngs(x, folder, start=0):
+    os.makedirs(folder, exist_ok=True)
+    for i, a in enumerate(to_uint8(x)):
+        Image.fromarray(a).save(os.path.join(folder, f'{start + i:06d}.png'))
+
+
+def write_samples(G, sample_inputs, model_args, n, folder, device, seed, batch_size=500):
+    """n images from random inputs, seeded, as individual PNGs (for FID) in batches of bounded memory."""
+    g = torch.Generator(device='cpu').manual_seed(seed)
+    for i in range(0, n, batch_size):
+        inputs = tuple(t.to(device) for t in sample_inputs(model_args, min(batch_size, n - i), 'cpu', g))
+        save_pngs(generate(G, inputs), folder, start=i)
+
+
+def sample_main(args, sample_inputs):
+    """--sample N: rebuild G from the checkpoint alone, write the fixed-z grid it was trained with, a grid
+    of N new images and the N images as PNGs."""
+    path = args.ckpt or os.path.join(args.out or default_out(sys.argv[0]), 'ckpt.pt')
+    ckpt = load_checkpoint(path)
+    device = pick_device(args.device)
+    G, _ = load_generator(ckpt, device)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), 'sample')
+    save_grid(generate(G, tuple(t.to(device) for t in ckpt['fixed'])), os.path.join(out, 'fixed_grid.png'))
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x = generate(G, tuple(t.to(device) for t in sample_inputs(ckpt['model_args'], args.sample, 'cpu', g)))
+    save_grid(x[:256], os.path.join(out, 'grid.png'), nrow=max(1, min(16, int(math.ceil(math.sqrt(min(len(x), 256)))))))
+    save_pngs(x, out)
+    print(f'wrote {args.sample} images, grid.png and fixed_grid.png to {out} (step {ckpt["step"]} of {path})')
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run folder, loop bookkeeping, logging
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class Run:
+    """One training run: device/DDP/seed set-up, the run folder, and everything between the steps."""
+
+    def __init__(self, args, script):
+        self.args, self.script = args, script
+        self.rank, self.world, self.device = setup_distributed(args.device)
+        self.main = self.rank == 0
+        self.dtype = pick_precision(args.precision, self.device)
+        seed_everything(args.seed, args.deterministic)
+        self.out = args.out = args.out or default_out(script)
+        self.ckpt_path = os.path.join(self.out, 'ckpt.pt')
+        if not args.resume and os.path.exists(self.ckpt_path):
+            fail(f'{self.ckpt_path} exists; pass --resume to continue that run, or choose another --out')
+        if self.main:
+            os.makedirs(self.out, exist_ok=True)
+        self._stop_signal = None
+        self.models, self.optims, self.scalers = {}, {}, {}
+
+    def log(self, msg):
+        if self.main:
+            print(msg, flush=True)
+            with open(os.path.join(self.out, 'log.txt'), 'a') as f:
+                f.write(msg + '\n')
+
+    def load_images(self):
+        cache = os.path.join(self.out, f'data_{self.args.image_size}.pt') if self.main else None
+        if self.world > 1:   # rank 0 decodes and writes the cache, the others read it
+            if self.main:
+                load_images(self.args.data, self.args.image_size, cache, self.log)
+            dist.barrier()
+            cache = os.path.join(self.out, f'data_{self.args.image_size}.pt')
+        images, self.files = load_images(self.args.data, self.args.image_size, cache, self.log)
+        return images
+
+    def autocast(self):
+        """Mixed precision for the forward passes; losses are computed in fp32 by the scripts."""
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def prepare(self, module):
+        module = module.to(self.device)
+        return module.to(memory_format=torch.channels_last) if self.args.channels_last else module
+
+    # -- model registration and resume ------------------------------------------------------------
+    def setup(self, models, optims, model_args, fixed, sample_inputs, sample_model='G', extra=None):
+        """Register what a checkpoint holds; with --resume, load it all back (weights, optimisers, step,
+        RNG) so the run continues exactly as if it had never stopped."""
+        self.models, self.optims, self.model_args = models, optims, model_args
+        self.fixed, self.sample_inputs, self.sample_model = fixed, sample_inputs, sample_model
+        self.extra = extra if extra is not None else {}
+        if self.dtype == torch.float16:
+            self.scalers = {k: torch.amp.GradScaler('cuda') for k in optims}
+        self.start_step = 0
+        if self.args.resume:
+            ckpt = load_checkpoint(self.ckpt_path, map_location=self.device)
+            if ckpt['script'] != self.script:
+                fail(f'{self.ckpt_path} was written by {ckpt["script"]}.py, not {self.script}.py')
+            for k, m in models.items():
+                m.load_state_dict(ckpt['models'][k])
+            for k, o in optims.items():
+                o.load_state_dict(ckpt['optims'][k])
+            for k, s in self.scalers.items():
+                if k in ckpt.get('scalers', {}):
+                    s.load_state_dict(ckpt['scalers'][k])
+            self.fixed = tuple(t.to(self.device) for t in ckpt['fixed'])
+            self.extra.update(ckpt.get('extra', {}))
+            self.start_step = ckpt['step']
+            rng = ckpt['rng']
+            if len(rng) == self.world:
+                torch.set_rng_state(rng[self.rank]['cpu'])
+                if 'cuda' in rng[self.rank] and self.device.type == 'cuda':
+                    torch.cuda.set_rng_state(rng[self.rank]['cuda'], self.device)
+            else:   # a different process count cannot replay the same noise; continue with fresh noise
+                torch.manual_seed(self.args.seed + 7919 * self.rank + self.start_step)
+            self.log(f'resumed {self.ckpt_path} at step {self.start_step}')
+        else:
+            if self.world > 1:   # same init everywhere, different noise per process
+                for m in models.values():
+                    for t in list(m.parameters()) + list(m.buffers()):
+                        dist.broadcast(t.data, 0)
+                torch.manual_seed(self.args.seed + 7919 * self.rank)
+            if self.main:
+                with open(os.path.join(self.out, 'args.json'), 'w') as f:
+                    json.dump(vars(self.args), f, indent=2)
+
+    def checkpoint(self):
+        rng = {'cpu': torch.get_rng_state()}
+        if self.device.type == 'cuda':
+            rng['cuda'] = torch.cuda.get_rng_state(self.device)
+        rngs = [rng]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng)
+        return {
+            'format': CKPT_FORMAT, 'script': self.script, 'model_args': self.model_args,
+            'args': vars(self.args), 'step': self.global_step, 'epoch': self.global_step / self.steps_per_epoch,
+            'models': {k: m.state_dict() for k, m in self.models.items()},
+            'optims': {k: o.state_dict() for k, o in self.optims.items()},
+            'scalers': {k: s.state_dict() for k, s in self.scalers.items()},
+            'fixed': [t.cpu() for t in self.fixed], 'sample_model': self.sample_model,
+            'rng': [{k: v.cpu() for k, v in r.items()} for r in rngs], 'extra': self.extra,
+            'versions': {'torch': str(torch.__version__), 'python': sys.version.split()[0]},
+        }
+
+    def save(self):
+        """Write ckpt.pt (atomically), but never a checkpoint with NaN/inf weights."""
+        for k, m in self.models.items():
+            if not all(torch.isfinite(p).all() for p in m.parameters()):
+                raise NonFiniteLoss(f'{k} has NaN/inf weights at step {self.global_step}; kept the last good '
+                                    f'checkpoint {self.ckpt_path}; try --precision fp32 or a lower learning rate')
+        ckpt = self.checkpoint()   # collective in DDP: every rank must get here
+        if self.main:
+            atomic_save(ckpt, self.ckpt_path)
+        return ckpt
+
+    # -- the optimisation helpers the loops call --------------------------------------------------
+    def backward(self, loss, name):
+        (self.scalers[name].scale(loss) if name in self.scalers else loss).backward()
+
+    def step(self, name):
+        """Average gradients over processes (torchrun), then take the optimiser step."""
+        model, opt = self.models[name], self.optims[name]
+        if self.world > 1:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(f.view_as(g))
+        if name in self.scalers:
+            self.scalers[name].step(opt)
+            self.scalers[name].update()
+        else:
+            opt.step()
+
+    def track(self, **scalars):
+        """Record this step's scalars (tensors). They are summed on the device and read back only every
+        --log-every steps: no host sync in the hot loop."""
+        vals = torch.stack([torch.as_tensor(v, device=self.device).detach().float() for v in scalars.values()])
+        self._names = list(scalars)
+        self._acc = vals if self._acc is None else self._acc + vals
+        self._n += 1
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def batches(self, images):
+        """Yield (step, real batch) until --epochs are done. Between steps: progress lines and
+        losses.csv, fixed-z grids, checkpoints, generator snapshots, and a clean stop on SIGTERM/Ctrl-C."""
+        a = self.args
+        data = ImageBatches(images, a.batch_size, a.seed, a.flip, self.device, self.rank, self.world)
+        self.steps_per_epoch = spe = data.steps_per_epoch
+        total = a.epochs * spe
+        self.global_step = self.start_step
+        self._acc, self._n = None, 0
+        csv_path = os.path.join(self.out, 'losses.csv')
+        if self.main:
+            truncate_log(csv_path, self.global_step)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        self.log(f'{self.script}: {len(images)} images, {spe} steps/epoch, {a.epochs} epochs, batch {a.batch_size}'
+                 f'{f" x{self.world} processes" if self.world > 1 else ""}, device {self.device}, '
+                 f'precision {str(self.dtype or "fp32").replace("torch.", "")}, out {self.out}')
+        t0, n0 = time.time(), self.global_step
+        if self.global_step == 0 and self.main:
+            self.grid()
+        while self.global_step < total:
+            x = data.get(self.global_step)
+            if a.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield self.global_step, x
+            self.global_step += 1
+            s = self.global_step
+            if s % a.log_every == 0 or s == total:
+                t0, n0 = self._log_line(csv_path, total, t0, n0)
+            if self.main and (s % a.grid_every == 0 or s == total):
+                self.grid()
+            if s % a.save_every == 0:
+                self.save()
+            if a.snapshot_every and s % (a.snapshot_every * spe) == 0:
+                self.snapshot()
+            if self._should_stop():
+                self.save()
+                self.plots()
+                self.log(f'stopped by signal at step {s} (epoch {s / spe:.2f}); checkpoint {self.ckpt_path}; '
+                         f'continue with: python {self.script}.py --out {self.out} --resume')
+                sys.exit(128 + self._stop_signal)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt   # a second Ctrl-C stops at once
+        self._stop_signal = signum
+        if self.main:
+            print(f'\n{signal.Signals(signum).name}: saving a checkpoint after this step...', flush=True)
+
+    def _should_stop(self):
+        stop = self._stop_signal is not None
+        if self.world > 1:   # every process must stop at the same step, or the next all_reduce hangs
+            t = torch.tensor([self._stop_signal or 0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            self._stop_signal = int(t.item()) or None
+            stop = self._stop_signal is not None
+        return stop
+
+    def _log_line(self, csv_path, total, t0, n0):
+        if self._acc is None:
+            return t0, n0
+        vals = self._acc / self._n
+        if self.world > 1:
+            dist.all_reduce(vals)
+            vals /= self.world
+        vals = vals.tolist()   # the one host sync per --log-every steps
+        self._acc, self._n = None, 0
+        row = dict(zip(self._names, vals))
+        if not all(math.isfinite(v) for v in vals):
+            raise NonFiniteLoss(f'non-finite loss at step {self.global_step} ({", ".join(f"{k}={v:.4g}" for k, v in row.items())}); '
+                                f'the last good checkpoint {self.ckpt_path} is kept; try --precision fp32 or a lower learning rate')
+        dt = time.time() - t0
+        ips = (self.global_step - n0) * self.args.batch_size / max(dt, 1e-9)
+        eta = (total - self.global_step) * self.args.batch_size / max(ips, 1e-9)
+        epoch = self.global_step / self.steps_per_epoch
+        if self.main:
+            new = not os.path.exists(csv_path)
+            with open(csv_path, 'a', newline='') as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(['step', 'epoch', *row, 'img_per_s'])
+                w.writerow([self.global_step, f'{epoch:.3f}', *(f'{v:.5f}' for v in vals), f'{ips:.1f}'])
+            self.log(f'[{self.script}] ep {epoch:6.2f}/{self.args.epochs} step {self.global_step}/{total} | '
+                     + ' '.join(f'{k} {v:.3f}' for k, v in row.items())
+                     + f' | {ips:.0f} img/s | ETA {fmt_time(eta)}')
+        return time.time(), self.global_step
+
+    # -- outputs ------------------------------------------------------------------------------------
+    def grid(self):
+        G = self.models[self.sample_model]
+        save_grid(generate(G, self.fixed), os.path.join(self.out, 'grids', f'step_{self.global_step:08d}.png'))
+
+    def snapshot(self):
+        if self.main:
+            ckpt = generator_checkpoint(self.checkpoint_light())
+            atomic_save(ckpt, os.path.join(self.out, 'snapshots', f'G_epoch{round(self.global_step / self.steps_per_epoch):04d}.pt'))
+
+    def checkpoint_light(self):
+        return {'format': CKPT_FORMAT, 'script': self.script, 'model_args': self.model_args, 'args': vars(self.args),
+                'step': self.global_step, 'epoch': self.global_step / self.steps_per_epoch, 'sample_model': self.sample_model,
+                'models': {self.sample_model: self.models[self.sample_model].state_dict()},
+                'fixed': [t.cpu() for t in self.fixed], 'versions': {'torch': str(torch.__version__)}}
+
+    def plots(self):
+        if self.main:
+            plot_losses(os.path.join(self.out, 'losses.csv'), os.path.join(self.out, 'loss_curve.png'))
+            make_gif(os.path.join(self.out, 'grids'), os.path.join(self.out, 'progress.gif'))
+
+    def finish(self):
+        """After the last step: checkpoint, plots, GIF, and --n-samples PNGs in samples/ for FID."""
+        self.save()
+        self.plots()
+        if self.main and self.args.n_samples:
+            folder = os.path.join(self.out, 'samples')
+            write_samples(self.models[self.sample_model], self.sample_inputs, self.model_args,
+                          self.args.n_samples, folder, self.device, self.args.seed + 1)
+            self.log(f'wrote {self.args.n_samples} samples to {folder}')
+        self.log(f'done: {self.out} (checkpoint, grids/, progress.gif, loss_curve.png, losses.csv)')
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def fmt_time(s):
+    s = int(s)
+    return f'{s // 3600}h{s % 3600 // 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
+
+
+def truncate_log(path, step):
+    """On resume, drop losses.csv rows logged after the checkpoint (they will be logged again)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with open(path, 'w', newline='') as f:
+        csv.writer(f).writerows(keep)
+
+
+def make_gif(grid_dir, path, max_frames=100):
+    if not os.path.isdir(grid_dir):
+        return
+    files = sorted(f for f in os.listdir(grid_dir) if f.endswith('.png'))
+    if not files:
+        return
+    files = [files[round(i)] for i in np.linspace(0, len(files) - 1, min(max_frames, len(files)))]
+    frames = [Image.open(os.path.join(grid_dir, f)).convert('RGB') for f in files]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=150, loop=0)
+
+
+def plot_losses(csv_path, png_path, size=(800, 450)):
+    """A loss-curve PNG drawn with PIL (no matplotlib dependency): one line per logged column."""
+    if not os.path.exists(csv_path):
+        return
+    with open(csv_path, newline='') as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        return
+    head, data = rows[0], np.array([[float(v) for v in r] for r in rows[1:] if r])
+    cols = [i for i, h in enumerate(head) if h not in ('step', 'epoch', 'img_per_s')]
+    W, H, L, B, T, R = *size, 60, 40, 30, 20
+    x = data[:, 0]
+    ys = data[:, cols]
+    lo, hi = np.percentile(ys, 1), np.percentile(ys, 99)
+    lo, hi = (lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    im = Image.new('RGB', size, 'white')
+    d = ImageDraw.Draw(im)
+    px = lambda v: L + (v - x.min()) / max(x.max() - x.min(), 1e-9) * (W - L - R)
+    py = lambda v: H - B - (min(max(v, lo), hi) - lo) / (hi - lo) * (H - B - T)
+    d.rectangle([L, T, W - R, H - B], outline='black')
+    for t in np.linspace(lo, hi, 5):
+        d.text((5, py(t) - 6), f'{t:.2f}', fill='black')
+    for t in np.linspace(x.min(), x.max(), 5):
+        d.text((px(t) - 15, H - B + 5), f'{int(t)}', fill='black')
+    colours = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2']
+    for j, c in enumerate(cols):
+        col = colours[j % len(colours)]
+        d.line([(px(a), py(b)) for a, b in zip(x, data[:, c])], fill=col, width=2)
+        d.text((L + 10 + 110 * j, 4), head[c], fill=col)
+    d.text((W // 2 - 10, H - 14), 'step', fill='black')
+    im.save(png_path)

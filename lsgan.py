@@ -1,0 +1,154 @@
+"""LSGAN: Mao et al., "Least Squares Generative Adversarial Networks", 2017. https://arxiv.org/abs/1611.04076
+
+The DCGAN of dcgan.py (same architecture, same hyper-parameters as the reports: z = 100, batch 64,
+Adam lrG 5e-4, lrD 1e-4, betas (0.5, 0.999), 150 epochs) with D's sigmoid cross-entropy replaced by
+least squares: D regresses real images to b and fakes to a, G pulls its fakes towards c. The reports'
+fuzzy labels give the defaults a = 0.1, b = c = 0.9; the paper's 0-1 coding is --fake-label 0 --real-label 1.
+
+    python lsgan.py --data faces/ --epochs 150                 # train (run folder: runs/lsgan)
+    python lsgan.py --out runs/lsgan --resume                   # continue a stopped run exactly
+    python lsgan.py --sample 64 --ckpt runs/lsgan/ckpt.pt       # only generate
+    torchrun --nproc_per_node 2 lsgan.py --data faces/          # data-parallel over 2 processes/GPUs
+"""
+import torch
+import torch.nn as nn
+
+import common
+
+
+def get_args(argv=None):
+    p = common.base_parser(__doc__, epochs=150, batch_size=64)
+    p.add_argument('--z-dim', type=int, default=100, help='latent size (default: %(default)s)')
+    p.add_argument('--ngf', type=int, default=64, help='G width: channels of its last hidden layer (default: %(default)s)')
+    p.add_argument('--ndf', type=int, default=64, help='D width: channels of its first layer (default: %(default)s)')
+    p.add_argument('--lr-g', type=float, default=5e-4, help='Adam learning rate of G (default: %(default)s)')
+    p.add_argument('--lr-d', type=float, default=1e-4, help='Adam learning rate of D (default: %(default)s)')
+    p.add_argument('--beta1', type=float, default=0.5, help='Adam beta1 (default: %(default)s)')
+    p.add_argument('--beta2', type=float, default=0.999, help='Adam beta2 (default: %(default)s)')
+    p.add_argument('--real-label', type=float, default=0.9, help='b and c: target of D(real) and of G\'s fakes (default: %(default)s)')
+    p.add_argument('--fake-label', type=float, default=0.1, help='a: target of D(fake) in the D loss (default: %(default)s)')
+    return common.parse_args(p, argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+class Generator(nn.Module):
+    def __init__(self, z_dim=100, ngf=64, nc=3):
+        super().__init__()
+        self.z_dim = z_dim
+        block = lambda cin, cout: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(z_dim, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
+            *block(ngf * 8, ngf * 4),                           # (ngf*8) x 4 x 4 -> (ngf*4) x 8 x 8
+            *block(ngf * 4, ngf * 2),                           # -> (ngf*2) x 16 x 16
+            *block(ngf * 2, ngf),                               # -> ngf x 32 x 32
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1), nn.Tanh(),    # -> nc x 64 x 64, in [-1, 1]
+        )
+
+    def forward(self, z):                                       # z: (B, z_dim)
+        return self.net(z[:, :, None, None])
+
+
+class Discriminator(nn.Module):
+    def __init__(self, ndf=64, nc=3):
+        super().__init__()
+        block = lambda cin, cout: [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True)]
+        self.net = nn.Sequential(
+            nn.Conv2d(nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True),  # nc x 64 x 64 -> ndf x 32 x 32 (no BN on the input layer)
+            *block(ndf, ndf * 2),                                   # -> (ndf*2) x 16 x 16
+            *block(ndf * 2, ndf * 4),                               # -> (ndf*4) x 8 x 8
+            *block(ndf * 4, ndf * 8),                               # -> (ndf*8) x 4 x 4
+            nn.Conv2d(ndf * 8, 1, 4, 1, 0),                         # -> 1 x 1 x 1
+        )
+
+    def forward(self, x):
+        return self.net(x).flatten()   # a raw score: least squares needs no sigmoid
+
+
+def init_weights(m):
+    """DCGAN paper: all weights from N(0, 0.02); BatchNorm scale from N(1, 0.02)."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def sample_inputs(model_args, n, device, generator=None):
+    """What G(*inputs) needs for n images: here only z ~ N(0, I)."""
+    return (torch.randn(n, model_args['z_dim'], device=device, generator=generator),)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses: least squares (the mean of squares, not the square of the mean)
+
+def d_loss(real_out, fake_out, b, a):
+    """min_D 1/2 E[(D(x) - b)^2] + 1/2 E[(D(G(z)) - a)^2]"""
+    return 0.5 * ((real_out - b) ** 2).mean() + 0.5 * ((fake_out - a) ** 2).mean()
+
+
+def g_loss(fake_out, c):
+    """min_G 1/2 E[(D(G(z)) - c)^2]"""
+    return 0.5 * ((fake_out - c) ** 2).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+def train(args):
+    if args.image_size != 64:
+        common.fail('lsgan.py builds 64x64 models; use --image-size 64 (stylegan.py has other sizes)')
+    run = common.Run(args, 'lsgan')
+    images = run.load_images()
+    model_args = dict(z_dim=args.z_dim, ngf=args.ngf)
+    G = run.prepare(Generator(**model_args))
+    D = run.prepare(Discriminator(args.ndf))
+    G.apply(init_weights)
+    D.apply(init_weights)
+    betas = (args.beta1, args.beta2)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=betas, foreach=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, foreach=True)
+    # the fixed z of the progress grids: its own generator, so it does not shift the training noise
+    fixed_z = sample_inputs(model_args, 64, 'cpu', torch.Generator().manual_seed(args.seed))[0].to(run.device)
+    run.setup({'G': G, 'D': D}, {'G': opt_g, 'D': opt_d}, model_args, (fixed_z,), sample_inputs)
+
+    B = args.batch_size // run.world
+    for step, real in run.batches(images):
+        z = torch.randn(B, args.z_dim, device=run.device)
+
+        # (1) update D: pull D(x) to b = real_label and D(G(z)) to a = fake_label
+        with run.autocast():
+            fake = G(z)
+            real_out, fake_out = D(real).float(), D(fake.detach()).float()
+        loss_d = d_loss(real_out, fake_out, args.real_label, args.fake_label)
+        opt_d.zero_grad(set_to_none=True)
+        run.backward(loss_d, 'D')
+        run.step('D')
+
+        # (2) update G: pull D(G(z)) to c = real_label, through the D just updated
+        D.requires_grad_(False)   # D's weight gradients are not needed here: skip computing them
+        with run.autocast():
+            gen_out = D(fake).float()
+        loss_g = g_loss(gen_out, args.real_label)
+        opt_g.zero_grad(set_to_none=True)
+        run.backward(loss_g, 'G')
+        run.step('G')
+        D.requires_grad_(True)
+
+        run.track(loss_d=loss_d, loss_g=loss_g,
+                  d_real=real_out.mean(), d_fake=fake_out.mean())
+    run.finish()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.sample:
+        return common.sample_main(args, sample_inputs)
+    train(args)
+
+
+if __name__ == '__main__':
+    common.main_guard(main)

@@ -1,0 +1,204 @@
+"""dcgan.py and lsgan.py end to end: run folder, resume, sampling, signals, NaN, DDP, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+import dcgan
+import lsgan
+from common import UserError
+from conftest import ROOT, TINY
+
+SCRIPTS = [dcgan, lsgan]
+ids = lambda m: m.__name__
+
+
+def train(module, faces, out, *extra):
+    module.main(['--data', faces, '--out', str(out), *TINY, *extra])
+    return common.load_checkpoint(os.path.join(out, 'ckpt.pt'))
+
+
+def assert_same_state(a, b):
+    for group in ('models', 'optims'):
+        for name in a[group]:
+            sa, sb = a[group][name], b[group][name]
+            flat = lambda s: [v for v in torch.utils._pytree.tree_leaves(s) if isinstance(v, torch.Tensor)]
+            for x, y in zip(flat(sa), flat(sb), strict=True):
+                assert torch.equal(x, y), f'{group}/{name} differs'
+
+
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_run_folder(module, faces, tmp_path):
+    out = tmp_path / 'run'
+    ckpt = train(module, faces, out, '--epochs', '2')          # 16 images / batch 8 = 2 steps per epoch
+    assert ckpt['step'] == 4 and ckpt['script'] == module.__name__ and ckpt['sample_model'] == 'G'
+    assert set(ckpt['models']) == {'G', 'D'} and set(ckpt['optims']) == {'G', 'D'}
+    assert json.load(open(out / 'args.json'))['epochs'] == 2
+    rows = open(out / 'losses.csv').read().split()
+    assert rows[0] == 'step,epoch,loss_d,loss_g,d_real,d_fake,img_per_s' and len(rows) == 5
+    assert sorted(os.listdir(out / 'grids')) == [f'step_{s:08d}.png' for s in (0, 2, 4)]
+    samples = sorted(os.listdir(out / 'samples'))
+    assert samples == [f'{i:06d}.png' for i in range(6)]
+    im = Image.open(out / 'samples' / samples[0])
+    assert im.size == (64, 64) and im.mode == 'RGB'
+    assert Image.open(out / 'progress.gif').n_frames == 3
+    assert Image.open(out / 'loss_curve.png').size == (800, 450)
+    assert os.path.exists(out / 'data_64.pt') and 'done' in open(out / 'log.txt').read()
+    # the sampling generator rebuilds from the checkpoint alone and makes 64x64 images in [-1, 1]
+    G, _ = common.load_generator(ckpt)
+    x = common.generate(G, module.sample_inputs(ckpt['model_args'], 3, 'cpu'))
+    assert x.shape == (3, 3, 64, 64) and x.min() >= -1 and x.max() <= 1 and x.std() > 0
+
+
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_resume_equals_uninterrupted(module, faces, tmp_path):
+    straight = train(module, faces, tmp_path / 'a', '--epochs', '2')
+    train(module, faces, tmp_path / 'b', '--epochs', '1')                 # 2 steps, then stop
+    resumed = train(module, faces, tmp_path / 'b', '--epochs', '2', '--resume')   # 2 more
+    assert resumed['step'] == straight['step'] == 4
+    assert_same_state(straight, resumed)
+    col = lambda p: [r.split(',')[:6] for r in open(p).read().split()]   # all but img/s
+    assert col(tmp_path / 'a' / 'losses.csv') == col(tmp_path / 'b' / 'losses.csv')
+
+
+def test_resume_keeps_flags_and_refuses_overwrite(faces, tmp_path):
+    out = tmp_path / 'run'
+    train(dcgan, faces, out, '--epochs', '1', '--lr-g', '1e-3')
+    args = dcgan.get_args(['--out', str(out), '--resume', '--epochs', '3'])
+    assert args.lr_g == 1e-3 and args.ngf == 8 and args.epochs == 3 and args.data == faces
+    before = open(out / 'ckpt.pt', 'rb').read()
+    with pytest.raises(UserError, match='pass --resume'):
+        train(dcgan, faces, out, '--epochs', '1')
+    assert open(out / 'ckpt.pt', 'rb').read() == before
+    with pytest.raises(SystemExit):
+        dcgan.get_args(['--out', str(tmp_path / 'new'), '--resume'])
+
+
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_sample_reproduces_fixed_grid(module, faces, tmp_path, capsys):
+    out = tmp_path / 'run'
+    train(module, faces, out, '--epochs', '1')
+    module.main(['--sample', '5', '--ckpt', str(out / 'ckpt.pt'), '--device', 'cpu'])
+    s = out / 'sample'
+    trained = np.asarray(Image.open(out / 'grids' / 'step_00000002.png'))
+    assert np.array_equal(np.asarray(Image.open(s / 'fixed_grid.png')), trained)
+    assert sorted(os.listdir(s)) == ['000000.png', '000001.png', '000002.png', '000003.png', '000004.png',
+                                     'fixed_grid.png', 'grid.png']
+    # a generator-only fp16 export samples the same images, to fp16 precision
+    small = tmp_path / 'G.pt'
+    common.atomic_save(common.generator_checkpoint(common.load_checkpoint(str(out / 'ckpt.pt')), half=True), str(small))
+    module.main(['--sample', '5', '--ckpt', str(small), '--out', str(tmp_path / 's2'), '--device', 'cpu'])
+    a = np.asarray(Image.open(s / '000003.png'), dtype=int)
+    b = np.asarray(Image.open(tmp_path / 's2' / '000003.png'), dtype=int)
+    assert np.abs(a - b).mean() < 2
+
+
+def test_losses_against_definitions():
+    r, f = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([-3.0, 0.2, 1.0])
+    sig = torch.sigmoid
+    ref = -(0.9 * sig(r).log() + 0.1 * (1 - sig(r)).log()).mean() - (0.1 * sig(f).log() + 0.9 * (1 - sig(f)).log()).mean()
+    assert torch.allclose(dcgan.d_loss(r, f, 0.9, 0.1), ref)
+    assert torch.allclose(dcgan.g_loss(f, 1.0), -sig(f).log().mean())
+    # LSGAN: mean of squares (not square of the mean), no sigmoid
+    assert torch.allclose(lsgan.d_loss(r, f, 1.0, 0.0), 0.5 * ((r - 1) ** 2).mean() + 0.5 * (f ** 2).mean())
+    assert torch.allclose(lsgan.g_loss(f, 1.0), 0.5 * ((f - 1) ** 2).mean())
+    assert lsgan.g_loss(torch.tensor([0.0, 2.0]), 1.0) == 0.5   # the square of the mean would give 0
+
+
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_models_shapes_and_logits(module):
+    G, D = module.Generator(z_dim=16, ngf=8), module.Discriminator(ndf=8)
+    G.apply(module.init_weights), D.apply(module.init_weights)
+    x = G(torch.randn(5, 16))
+    assert x.shape == (5, 3, 64, 64) and x.abs().max() <= 1
+    with torch.no_grad():
+        D.net[-1].weight.mul_(1000)          # a raw output is unbounded: no sigmoid inside D
+    out = D(torch.randn(5, 3, 64, 64))
+    assert out.shape == (5,) and (out.abs() > 1).any()
+
+
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_nan_stops_and_keeps_last_good_checkpoint(module, faces, tmp_path, monkeypatch):
+    calls = {'n': 0}
+    real_loss = module.g_loss
+
+    def poisoned(*a):   # G's loss turns NaN at the 3rd step, after the step-2 checkpoint
+        calls['n'] += 1
+        loss = real_loss(*a)
+        return loss * float('nan') if calls['n'] >= 3 else loss
+    monkeypatch.setattr(module, 'g_loss', poisoned)
+    out = tmp_path / 'run'
+    with pytest.raises(common.NonFiniteLoss, match='non-finite loss at step 3.*last good checkpoint'):
+        train(module, faces, out, '--epochs', '3')
+    ckpt = common.load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['step'] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt['models']['G'].values() if v.is_floating_point())
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    p = run_cli('dcgan.py', '--data', str(tmp_path / 'missing'), '--out', str(tmp_path / 'o'), '--device', 'cpu')
+    assert p.returncode == 1 and p.stderr.strip().count('\n') == 0 and 'missing: no such file' in p.stderr
+    p = run_cli('lsgan.py', '--epochs', '0')
+    assert p.returncode == 2 and '--epochs must be positive' in p.stderr
+    p = run_cli('dcgan.py', '--sample', '4', '--ckpt', str(tmp_path / 'nope.pt'))
+    assert p.returncode == 1 and 'nope.pt not found' in p.stderr
+    p = run_cli('dcgan.py', '--help')
+    assert p.returncode == 0 and '--lr-g' in p.stdout and '0.0005' in p.stdout
+
+
+def test_import_has_no_side_effects(tmp_path):
+    p = subprocess.run([sys.executable, '-c', 'from dcgan import Generator; from lsgan import Discriminator; import common'],
+                       cwd=tmp_path, env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == '' and p.stderr == '' and os.listdir(tmp_path) == []
+
+
+def test_sigterm_saves_then_resumes(faces, tmp_path):
+    out = tmp_path / 'run'
+    cmd = [sys.executable, 'dcgan.py', '--data', faces, '--out', str(out), *TINY, '--epochs', '100000', '--save-every', '1000000']
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:            # wait until it is training
+        if line.startswith('[dcgan]') and 'step 3/' in line:
+            break
+    p.send_signal(signal.SIGTERM)
+    rest = p.stdout.read()
+    assert p.wait(timeout=120) == 128 + signal.SIGTERM, rest
+    assert '--resume' in rest
+    ckpt = common.load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['step'] >= 3 and not os.path.exists(out / 'samples')
+    p = run_cli('dcgan.py', '--out', str(out), '--resume', '--epochs', str(ckpt['step'] // 2 + 1))
+    assert p.returncode == 0, p.stderr
+    assert common.load_checkpoint(str(out / 'ckpt.pt'))['step'] == (ckpt['step'] // 2 + 1) * 2
+
+
+def test_torchrun_two_processes(faces, tmp_path):
+    out = tmp_path / 'ddp'
+    p = run_cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'dcgan.py',
+                '--data', faces, '--out', str(out), *TINY, '--epochs', '2')
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = common.load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['step'] == 4 and len(ckpt['rng']) == 2 and 'x2 processes' in p.stdout
+    assert len(os.listdir(out / 'samples')) == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU')
+@pytest.mark.parametrize('precision', ['fp32', 'bf16', 'fp16'])
+def test_cuda(faces, tmp_path, precision):
+    out = tmp_path / precision
+    dcgan.main(['--data', faces, '--out', str(out), *TINY, '--device', 'cuda', '--precision', precision, '--epochs', '1'])
+    ckpt = common.load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['step'] == 2 and (precision != 'fp16' or ckpt['scalers'])
+    dcgan.main(['--out', str(out), '--resume', '--epochs', '2', '--device', 'cuda'])
+    assert common.load_checkpoint(str(out / 'ckpt.pt'))['step'] == 4
