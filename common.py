@@ -222,9 +222,12 @@ def to_rgb(im):
 
 
 def decode_image(fp, size):
-    """File or file-like -> uint8 array (size, size, 3): RGB, center-cropped to a square, resized."""
+    """File or file-like -> uint8 array (size, size, 3): RGB, center-cropped to a square, resized.
+    size=None keeps the image as it is (fid.py scores images at their own size, as pytorch-fid does)."""
     with Image.open(fp) as im:
         im = to_rgb(im)
+    if size is None:
+        return np.asarray(im, dtype=np.uint8)
     w, h = im.size
     s = min(w, h)
     if w != h:
@@ -251,6 +254,9 @@ def decode_all(items, size, where, log=print):
             f'{" ..." if len(bad) > 5 else ""} (delete or re-save them to silence this)')
     if not arrays:
         fail(f'none of the {len(items)} image file(s) in {where} could be decoded; check that they are images')
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        fail(f'images in {where} differ in size ({", ".join(str(s[:2]) for s in list(shapes)[:3])}); pass --image-size to resize them')
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), names
 
 
@@ -285,7 +291,7 @@ def load_images(src, size=64, cache=None, log=print):
         saved = torch.load(cache, weights_only=True)
         if saved.get('stamp') == stamp:
             return saved['images'], saved['files']
-    log(f'decoding {len(items)} images from {src} (once; later runs read the cache)')
+    log(f'decoding {len(items)} images from {src}' + (' (once: later runs read the cache)' if cache else ''))
     images, names = decode_all(items, size, src, log)
     if cache:
         atomic_save({'images': images, 'files': names, 'stamp': stamp}, cache)
@@ -298,7 +304,7 @@ def load_image_cache(path, size):
         images, names = saved['images'], saved['files']
     except Exception:
         fail(f'--data {path}: not a data cache written by these scripts (expected keys images, files)')
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size:
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 or size not in (None, images.shape[2]):
         fail(f'--data {path}: holds {tuple(images.shape)} {images.dtype}, expected uint8 (N, 3, {size}, {size}); '
              f're-create it from the image folder with --image-size {size}')
     return images, names

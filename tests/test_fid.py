@@ -1,0 +1,161 @@
+"""fid.py: the Frechet distance, KID, the FID Inception against pytorch-fid, inputs and errors."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+import common
+import fid
+from common import UserError
+from conftest import FACES, SHARED, TINY
+
+WEIGHTS = os.path.join(SHARED, 'weights', 'pt_inception-2015-12-05-nofc.pth')
+needs_weights = pytest.mark.skipif(not os.path.isfile(WEIGHTS), reason='FID Inception weights not found')
+
+
+def random_spd(d, rng, rank=None):
+    a = rng.normal(size=(d, rank or d))
+    return a @ a.T / (rank or d) + (0 if rank else 0.1 * np.eye(d))
+
+
+def test_frechet_closed_forms():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    # diagonal Gaussians: sum (sqrt(s1) - sqrt(s2))^2 + ||mu1 - mu2||^2
+    ref = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(ref, rel=1e-10)
+    # commuting full covariances A and c^2 A: Tr(A) (1 - c)^2
+    a = random_spd(6, rng)
+    assert fid.frechet_distance(np.zeros(6), a, np.zeros(6), 9 * a) == pytest.approx(4 * np.trace(a), rel=1e-9)
+    assert abs(fid.frechet_distance(mu1, np.diag(s1), mu1, np.diag(s1))) < 1e-10
+
+
+def test_frechet_against_direct_numpy():
+    rng = np.random.default_rng(1)
+    s1, s2 = random_spd(8, rng), random_spd(8, rng)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    # Tr((S1 S2)^1/2) = sum of sqrt of the eigenvalues of S1^1/2 S2 S1^1/2 (symmetric, real)
+    w, v = np.linalg.eigh(s1)
+    r = v @ np.diag(np.sqrt(w)) @ v.T
+    tr = np.sqrt(np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)).sum()
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
+
+
+def test_frechet_singular_and_errors(monkeypatch):
+    rng = np.random.default_rng(2)
+    s1, s2 = random_spd(16, rng, rank=3), random_spd(16, rng, rank=3)   # too few samples: singular
+    d = fid.frechet_distance(np.zeros(16), s1, np.zeros(16), s2)
+    assert np.isfinite(d) and d > 0
+    with pytest.raises(UserError, match='feature sizes differ: 16 vs 8'):
+        fid.frechet_distance(np.zeros(16), s1, np.zeros(8), np.eye(8))
+    monkeypatch.setattr(linalg, 'sqrtm', lambda m: m + 1j * np.eye(len(m)))
+    with pytest.raises(UserError, match='large imaginary part'):
+        fid.frechet_distance(np.zeros(16), s1, np.zeros(16), s2)
+
+
+def test_kid_unbiased_and_against_definition():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    m, s = fid.kid(x, y, subsets=20, subset_size=200)
+    assert abs(m) < 3 * s + 1e-3                                   # same distribution: ~0, can be negative
+    assert fid.kid(x, y + 1.0, subsets=20, subset_size=200)[0] > 10 * s
+    # one subset of everything equals the textbook unbiased estimator
+    x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3)) + 0.5
+    k = lambda a, b: (a @ b / 3 + 1) ** 3
+    n = 6
+    ref = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+           - 2 * sum(k(x[i], y[j]) for i in range(n) for j in range(n)) / n ** 2)
+    assert fid.kid(x, y, subsets=1, subset_size=6)[0] == pytest.approx(ref, rel=1e-10)
+    with pytest.raises(UserError, match='at least 2'):
+        fid.kid(x[:1], y)
+
+
+@pytest.fixture(scope='module')
+def extractor():
+    if not os.path.isfile(WEIGHTS):
+        pytest.skip('FID Inception weights not found')
+    return fid.Extractor('fid', WEIGHTS)
+
+
+@needs_weights
+def test_pool3_features_match_pytorch_fid(extractor, monkeypatch):
+    pytorch_fid_inception = pytest.importorskip('pytorch_fid.inception')
+    sd = torch.load(WEIGHTS, weights_only=True)   # pytorch-fid's file also holds the unused classifier
+    monkeypatch.setattr(pytorch_fid_inception, 'load_state_dict_from_url', lambda *a, **k: {
+        **sd, 'fc.weight': torch.zeros(1008, 2048), 'fc.bias': torch.zeros(1008)})
+    ref = pytorch_fid_inception.InceptionV3([3]).eval()
+    g = torch.Generator().manual_seed(0)
+    real, _ = common.load_images(FACES, None, log=lambda m: None)
+    x = torch.cat([real[:2], torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g)])
+    with torch.inference_mode():
+        ours = extractor(x)
+        theirs = ref(x.float() / 255)[0].flatten(1)
+    assert ours.shape == (4, 2048) and theirs.abs().max() > 1
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+@needs_weights
+def test_folder_against_itself_cache_roundtrip_and_kid(tmp_path, capsys, extractor):
+    a = ['--weights', WEIGHTS, '--allow-small', '--limit', '24', '--device', 'cpu']
+    stats = str(tmp_path / 'faces.npz')
+    fid.main([FACES, '--save-stats', stats, *a])
+    z = np.load(stats)
+    real, _ = common.load_images(FACES, None, log=lambda m: None)
+    with torch.inference_mode():
+        mu, sigma = fid.statistics(extractor(real[:24]).numpy())
+    assert z['mu'].dtype == np.float64 and int(z['n']) == 24 and str(z['inception']) == 'fid'
+    assert np.allclose(z['mu'], mu, atol=1e-5) and np.allclose(z['sigma'], sigma, atol=1e-5)
+    assert z['features'].shape == (24, 2048)
+    assert abs(fid.main([stats, FACES, *a])) < 0.05          # the same images, cached vs. fresh: ~0
+    out = capsys.readouterr().out
+    assert 'KID' in out and 'N = 24 vs 24' in out and 'img/s' in out
+    # pytorch-fid's own .npz (mu and sigma only) is accepted; KID then has no features to use
+    np.savez(tmp_path / 'plain.npz', mu=z['mu'], sigma=z['sigma'])
+    feats, mu2, sigma2, n = fid.features_of(str(tmp_path / 'plain.npz'), extractor, None)
+    assert feats is None and n is None and np.array_equal(mu2, z['mu']) and np.array_equal(sigma2, z['sigma'])
+
+
+@needs_weights
+def test_checkpoint_input_samples_in_memory(faces, tmp_path):
+    import dcgan
+    dcgan.main(['--data', faces, '--out', str(tmp_path / 'run'), *TINY, '--epochs', '1', '--n-samples', '0'])
+    before = sorted(os.listdir(tmp_path / 'run'))
+    ckpt = str(tmp_path / 'run' / 'ckpt.pt')
+    a = ['--weights', WEIGHTS, '--allow-small', '--n', '10', '--device', 'cpu', '--limit', '10']
+    assert fid.main([ckpt, faces, *a, '--save-samples', str(tmp_path / 's')]) > 50   # untrained G: far
+    assert sorted(os.listdir(tmp_path / 'run')) == before and len(os.listdir(tmp_path / 's')) == 10
+
+
+@needs_weights
+def test_bad_inputs(tmp_path):
+    w = ['--weights', WEIGHTS, '--device', 'cpu']
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(UserError, match='no images'):
+        fid.main([str(tmp_path / 'empty'), FACES, *w])
+    with pytest.raises(UserError, match='only 384 images; FID is biased below 2048.*--allow-small'):
+        fid.main([FACES, FACES, *w])
+    np.savez(tmp_path / 'wrong.npz', mean=np.zeros(3))
+    with pytest.raises(UserError, match='not a statistics .npz'):
+        fid.main([str(tmp_path / 'wrong.npz'), FACES, *w])
+    np.savez(tmp_path / 'small.npz', mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(UserError, match='feature sizes differ: 64 vs 2048'):
+        fid.main([str(tmp_path / 'small.npz'), FACES, *w, '--allow-small', '--limit', '4'])
+    with pytest.raises(UserError, match='need at least 2'):
+        fid.main([FACES, FACES, *w, '--allow-small', '--limit', '1'])
+    with pytest.raises(UserError, match='no such file'):
+        fid.main([str(tmp_path / 'nope'), FACES, *w])
+
+
+def test_torchvision_extractor_offline(tmp_path):
+    """The torchvision variant is built from a local file here (users download ImageNet weights)."""
+    import torchvision
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=True)
+    torch.save(net.state_dict(), tmp_path / 'tv.pth')
+    ex = fid.Extractor('torchvision', str(tmp_path / 'tv.pth'))
+    with torch.inference_mode():
+        f = ex(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    assert f.shape == (2, 2048) and torch.isfinite(f).all()
