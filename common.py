@@ -77,6 +77,10 @@ def base_parser(doc, epochs, batch_size):
     a('--save-every', type=int, default=1000, help='steps between checkpoints (default: %(default)s)')
     a('--snapshot-every', type=int, default=10,
       help='epochs between generator snapshots in snapshots/, for scoring later; 0 = off (default: %(default)s)')
+    a('--fid-every', type=int, default=0, metavar='EPOCHS',
+      help='score G with FID every this many epochs (needs --fid-stats), logged to losses.csv; 0 = off (default: %(default)s)')
+    a('--fid-stats', default=None, help='statistics .npz of the real data, from `python fid.py DATA --save-stats OUT.npz`')
+    a('--fid-n', type=int, default=2000, help='generated images per --fid-every score (default: %(default)s)')
     a('--n-samples', type=int, default=10000,
       help='individual PNGs written to samples/ at the end, for FID (default: %(default)s)')
     a('--sample', type=int, default=0, metavar='N',
@@ -101,8 +105,11 @@ def parse_args(parser, argv=None):
     for name in ('epochs', 'batch_size', 'image_size', 'log_every', 'grid_every', 'save_every'):
         if getattr(args, name) <= 0:
             parser.error(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
-    if args.n_samples < 0 or args.sample < 0 or args.snapshot_every < 0:
-        parser.error('--n-samples, --sample and --snapshot-every must be >= 0')
+    if min(args.n_samples, args.sample, args.snapshot_every, args.fid_every) < 0:
+        parser.error('--n-samples, --sample, --snapshot-every and --fid-every must be >= 0')
+    if args.fid_every and not (args.fid_stats and os.path.isfile(args.fid_stats)):
+        parser.error(f'--fid-every needs --fid-stats FILE.npz (got {args.fid_stats}); make it with '
+                     f'`python fid.py DATA --save-stats FILE.npz`')
     return args
 
 
@@ -489,25 +496,31 @@ def save_pngs(x, folder, start=0):
         Image.fromarray(a).save(os.path.join(folder, f'{start + i:06d}.png'))
 
 
-def write_samples(G, sample_inputs, model_args, n, folder, device, seed, batch_size=500):
-    """n images from random inputs, seeded, as individual PNGs (for FID) in batches of bounded memory."""
-    g = torch.Generator(device='cpu').manual_seed(seed)
+def sample_batches(G, sample_inputs, model_args, n, device, seed, batch_size=250):
+    """n images from G in [-1, 1], in batches of bounded memory, from inputs drawn with their own seed."""
+    g = torch.Generator().manual_seed(seed)
     for i in range(0, n, batch_size):
-        inputs = tuple(t.to(device) for t in sample_inputs(model_args, min(batch_size, n - i), 'cpu', g))
-        save_pngs(generate(G, inputs), folder, start=i)
+        yield generate(G, tuple(t.to(device) for t in sample_inputs(model_args, min(batch_size, n - i), 'cpu', g)))
+
+
+def write_samples(G, sample_inputs, model_args, n, folder, device, seed):
+    """n images as individual PNGs (for FID)."""
+    i = 0
+    for x in sample_batches(G, sample_inputs, model_args, n, device, seed):
+        save_pngs(x, folder, start=i)
+        i += len(x)
 
 
 def sample_main(args, sample_inputs):
     """--sample N: rebuild G from the checkpoint alone, write the fixed-z grid it was trained with, a grid
-    of N new images and the N images as PNGs."""
+    of N new images and the N images as PNGs (with the same --seed, the images that training wrote to samples/)."""
     path = args.ckpt or os.path.join(args.out or default_out(sys.argv[0]), 'ckpt.pt')
     ckpt = load_checkpoint(path)
     device = pick_device(args.device)
     G, _ = load_generator(ckpt, device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), 'sample')
     save_grid(generate(G, tuple(t.to(device) for t in ckpt['fixed'])), os.path.join(out, 'fixed_grid.png'))
-    g = torch.Generator().manual_seed(args.seed + 1)
-    x = generate(G, tuple(t.to(device) for t in sample_inputs(ckpt['model_args'], args.sample, 'cpu', g)))
+    x = torch.cat(list(sample_batches(G, sample_inputs, ckpt['model_args'], args.sample, device, args.seed + 1)))
     save_grid(x[:256], os.path.join(out, 'grid.png'), nrow=max(1, min(16, int(math.ceil(math.sqrt(min(len(x), 256)))))))
     save_pngs(x, out)
     print(f'wrote {args.sample} images, grid.png and fixed_grid.png to {out} (step {ckpt["step"]} of {path})')
@@ -537,6 +550,7 @@ class Run:
         if self.main:
             os.makedirs(self.out, exist_ok=True)
         self._stop_signal = None
+        self._fid, self._extractor = None, None
         self.models, self.optims, self.scalers = {}, {}, {}
 
     def log(self, msg):
@@ -693,7 +707,10 @@ class Run:
             yield self.global_step, x
             self.global_step += 1
             s = self.global_step
-            if s % a.log_every == 0 or s == total:
+            fid_due = a.fid_every and s % (a.fid_every * spe) == 0
+            if fid_due:
+                self.score_fid()
+            if s % a.log_every == 0 or s == total or fid_due:
                 t0, n0 = self._log_line(csv_path, total, t0, n0)
             if self.main and (s % a.grid_every == 0 or s == total):
                 self.grid()
@@ -748,12 +765,30 @@ class Run:
             with open(csv_path, 'a', newline='') as f:
                 w = csv.writer(f)
                 if new:
-                    w.writerow(['step', 'epoch', *row, 'img_per_s'])
-                w.writerow([self.global_step, f'{epoch:.3f}', *(f'{v:.5f}' for v in vals), f'{ips:.1f}'])
+                    w.writerow(['step', 'epoch', *row, 'img_per_s'] + ['fid'] * bool(self.args.fid_every))
+                w.writerow([self.global_step, f'{epoch:.3f}', *(f'{v:.5f}' for v in vals), f'{ips:.1f}']
+                           + [f'{self._fid:.3f}' if self._fid is not None else ''] * bool(self.args.fid_every))
             self.log(f'[{self.script}] ep {epoch:6.2f}/{self.args.epochs} step {self.global_step}/{total} | '
                      + ' '.join(f'{k} {v:.3f}' for k, v in row.items())
-                     + f' | {ips:.0f} img/s | ETA {fmt_time(eta)}')
+                     + f' | {ips:.0f} img/s | ETA {fmt_time(eta)}' + (f' | FID {self._fid:.2f}' if self._fid is not None else ''))
+        self._fid = None
         return time.time(), self.global_step
+
+    def score_fid(self):
+        """FID of --fid-n fresh samples against --fid-stats (fid.py's protocol, on the process of rank 0)."""
+        if not self.main:
+            return
+        import fid   # only runs that ask for FID load the Inception
+        if self._extractor is None:
+            self._extractor = fid.Extractor('fid').to(self.device)
+        t = time.time()
+        batches = (fid.as_uint8(x) for x in sample_batches(self.models[self.sample_model], self.sample_inputs,
+                                                            self.model_args, self.args.fid_n, self.device, self.args.seed + 2))
+        feats = fid.extract(self._extractor, batches, self.args.fid_n, self.device, log=lambda m: None)
+        _, mu, sigma, _ = fid.features_of(self.args.fid_stats, self._extractor, None)
+        self._fid = fid.frechet_distance(*fid.statistics(feats), mu, sigma)
+        self.log(f'FID {self._fid:.2f} at step {self.global_step} ({self.args.fid_n} samples vs {self.args.fid_stats}, '
+                 f'{time.time() - t:.0f}s)')
 
     # -- outputs ------------------------------------------------------------------------------------
     def grid(self):
@@ -826,12 +861,12 @@ def plot_losses(csv_path, png_path, size=(800, 450)):
         rows = list(csv.reader(f))
     if len(rows) < 2:
         return
-    head, data = rows[0], np.array([[float(v) for v in r] for r in rows[1:] if r])
-    cols = [i for i, h in enumerate(head) if h not in ('step', 'epoch', 'img_per_s')]
+    head, data = rows[0], np.array([[float(v) if v else np.nan for v in r] for r in rows[1:] if r])
+    cols = [i for i, h in enumerate(head) if h not in ('step', 'epoch', 'img_per_s', 'fid')]
     W, H, L, B, T, R = *size, 60, 40, 30, 20
     x = data[:, 0]
     ys = data[:, cols]
-    lo, hi = np.percentile(ys, 1), np.percentile(ys, 99)
+    lo, hi = np.nanpercentile(ys, 1), np.nanpercentile(ys, 99)
     lo, hi = (lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
     im = Image.new('RGB', size, 'white')
     d = ImageDraw.Draw(im)

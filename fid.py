@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -145,7 +146,7 @@ class Extractor(nn.Module):
             self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
         self.net.transform_input = False
         fold_batchnorm(self.net)
-        self.eval().requires_grad_(False)
+        self.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
     def forward(self, images):
         x = images.float() / 255   # exactly pytorch-fid's ToTensor()
@@ -163,7 +164,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         common.fail(f'feature sizes differ: {mu1.shape[0]} vs {mu2.shape[0]}; compute both with the same --inception')
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():   # a singular product is expected below 2048 samples, handled below
+        warnings.simplefilter('ignore', linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():   # singular product (too few samples): regularise the diagonal
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
@@ -217,17 +220,19 @@ def uint8_batches(images, batch_size):
         yield images[i:i + batch_size]
 
 
-def generated_batches(ckpt_path, n, batch_size, device, seed, save_dir=None):
-    """Sample a checkpoint: uint8 batches, rounded as a saved PNG is (FID depends on it)."""
-    ckpt = common.load_checkpoint(ckpt_path)
+def as_uint8(x):
+    """Generated images in [-1, 1] -> uint8 NCHW, rounded exactly as a saved PNG is (FID depends on it)."""
+    return torch.from_numpy(common.to_uint8(x)).permute(0, 3, 1, 2)
+
+
+def checkpoint_batches(ckpt, n, batch_size, device, seed, save_dir=None):
     G, module = common.load_generator(ckpt, device)
-    g = torch.Generator().manual_seed(seed)
-    for i in range(0, n, batch_size):
-        inputs = tuple(t.to(device) for t in module.sample_inputs(ckpt['model_args'], min(batch_size, n - i), 'cpu', g))
-        x = common.generate(G, inputs)
+    i = 0
+    for x in common.sample_batches(G, module.sample_inputs, ckpt['model_args'], n, device, seed, batch_size):
         if save_dir:
             common.save_pngs(x, save_dir, start=i)
-        yield torch.from_numpy(common.to_uint8(x)).permute(0, 3, 1, 2)
+            i += len(x)
+        yield as_uint8(x)
 
 
 def features_of(src, extractor, args, log=print):
@@ -244,7 +249,9 @@ def features_of(src, extractor, args, log=print):
         return feats, mu, sigma, int(z['n']) if 'n' in z.files else None
     is_ckpt = src.endswith('.pt') and 'format' in torch.load(src, map_location='cpu', weights_only=True, mmap=True)
     if is_ckpt:
-        batches, n = generated_batches(src, args.n, args.batch_size, args.device, args.seed, args.save_samples), args.n
+        batches = checkpoint_batches(common.load_checkpoint(src), args.n, args.batch_size, args.device, args.seed,
+                                     args.save_samples)
+        n = args.n
     else:
         images, _ = common.load_images(src, size=args.image_size, log=log)
         if args.limit:
@@ -297,8 +304,6 @@ def main(argv=None):
         if not os.path.exists(src):
             common.fail(f'{src}: no such file or folder')
     extractor = Extractor(args.inception, args.weights).to(args.device)
-    if args.device.type == 'cpu':
-        extractor = extractor.to(memory_format=torch.channels_last)
     t0 = time.time()
     fa, mua, sa, na = features_of(args.a, extractor, args)
     if args.save_stats:

@@ -120,13 +120,21 @@ def test_folder_against_itself_cache_roundtrip_and_kid(tmp_path, capsys, extract
 
 
 @needs_weights
-def test_checkpoint_input_samples_in_memory(faces, tmp_path):
+def test_fid_during_training_and_checkpoint_input(faces, tmp_path, monkeypatch):
     import dcgan
-    dcgan.main(['--data', faces, '--out', str(tmp_path / 'run'), *TINY, '--epochs', '1', '--n-samples', '0'])
+    monkeypatch.setenv('FID_WEIGHTS', WEIGHTS)
+    monkeypatch.setattr(fid, 'WEIGHT_CANDIDATES', [WEIGHTS])
+    stats = str(tmp_path / 'faces.npz')
+    fid.main([faces, '--save-stats', stats, '--weights', WEIGHTS, '--allow-small', '--device', 'cpu'])
+    dcgan.main(['--data', faces, '--out', str(tmp_path / 'run'), *TINY, '--epochs', '2', '--n-samples', '0',
+                '--log-every', '3', '--fid-every', '2', '--fid-stats', stats, '--fid-n', '8'])
+    rows = [r.split(',') for r in open(tmp_path / 'run' / 'losses.csv').read().split()]
+    assert rows[0][-1] == 'fid' and [r[0] for r in rows[1:]] == ['3', '4']      # step 4: FID forces a row
+    assert rows[1][-1] == '' and float(rows[2][-1]) > 50                         # untrained G: far
     before = sorted(os.listdir(tmp_path / 'run'))
     ckpt = str(tmp_path / 'run' / 'ckpt.pt')
     a = ['--weights', WEIGHTS, '--allow-small', '--n', '10', '--device', 'cpu', '--limit', '10']
-    assert fid.main([ckpt, faces, *a, '--save-samples', str(tmp_path / 's')]) > 50   # untrained G: far
+    assert fid.main([ckpt, faces, *a, '--save-samples', str(tmp_path / 's')]) > 50
     assert sorted(os.listdir(tmp_path / 'run')) == before and len(os.listdir(tmp_path / 's')) == 10
 
 

@@ -87,16 +87,18 @@ def test_resume_keeps_flags_and_refuses_overwrite(faces, tmp_path):
 def test_sample_reproduces_fixed_grid(module, faces, tmp_path, capsys):
     out = tmp_path / 'run'
     train(module, faces, out, '--epochs', '1')
-    module.main(['--sample', '5', '--ckpt', str(out / 'ckpt.pt'), '--device', 'cpu'])
+    module.main(['--sample', '6', '--ckpt', str(out / 'ckpt.pt'), '--device', 'cpu'])
     s = out / 'sample'
     trained = np.asarray(Image.open(out / 'grids' / 'step_00000002.png'))
     assert np.array_equal(np.asarray(Image.open(s / 'fixed_grid.png')), trained)
-    assert sorted(os.listdir(s)) == ['000000.png', '000001.png', '000002.png', '000003.png', '000004.png',
-                                     'fixed_grid.png', 'grid.png']
+    assert sorted(os.listdir(s)) == [f'{i:06d}.png' for i in range(6)] + ['fixed_grid.png', 'grid.png']
+    # same seed: the images the run wrote to samples/ at the end
+    for i in range(6):
+        assert np.array_equal(np.asarray(Image.open(s / f'{i:06d}.png')), np.asarray(Image.open(out / 'samples' / f'{i:06d}.png')))
     # a generator-only fp16 export samples the same images, to fp16 precision
     small = tmp_path / 'G.pt'
     common.atomic_save(common.generator_checkpoint(common.load_checkpoint(str(out / 'ckpt.pt')), half=True), str(small))
-    module.main(['--sample', '5', '--ckpt', str(small), '--out', str(tmp_path / 's2'), '--device', 'cpu'])
+    module.main(['--sample', '6', '--ckpt', str(small), '--out', str(tmp_path / 's2'), '--device', 'cpu'])
     a = np.asarray(Image.open(s / '000003.png'), dtype=int)
     b = np.asarray(Image.open(tmp_path / 's2' / '000003.png'), dtype=int)
     assert np.abs(a - b).mean() < 2
