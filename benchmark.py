@@ -1,0 +1,158 @@
+"""Speed, measured side by side in one process (run by hand, not by CI).
+
+    python benchmark.py                      # every model script vs. its textbook loop, fid.py vs. pytorch-fid
+    python benchmark.py --only dcgan fid     # a subset
+
+Training: each model script runs as its users run it (its own main(), default model size and batch,
+in-memory data, its default precision), and its img/s is read from the run's losses.csv (the logging
+intervals after the first, so start-up and warm-up are excluded). The textbook loop is the same model
+and losses trained the way pytorch/examples' dcgan/main.py does it: torchvision ImageFolder + DataLoader
+(2 workers) + PIL transforms every epoch, fp32, default memory layout, loss.item() every step. The two
+alternate --repeats times and the medians are compared.
+
+FID: fid.py's feature extraction against pytorch-fid's InceptionV3 (same weights, same 500 images,
+batch 50), alternating chunk by chunk; also the largest difference between their features.
+"""
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def script_img_per_s(module, data, out, steps, extra=()):
+    """Train `steps` steps with the script's own main(); median img/s of its logging intervals."""
+    shutil.rmtree(out, ignore_errors=True)
+    n = len(torch.load(data, weights_only=True)['files'])
+    spe = n // 64
+    epochs = max(1, -(-steps // spe))
+    with contextlib.redirect_stdout(io.StringIO()):   # its progress lines; the numbers are in losses.csv
+        module.main(['--data', data, '--out', out, '--epochs', str(epochs), '--log-every', '10', '--grid-every',
+                     '100000', '--save-every', '100000', '--snapshot-every', '0', '--n-samples', '0', *extra])
+    rows = [r.split(',') for r in open(os.path.join(out, 'losses.csv')).read().split()[1:]]
+    return statistics.median(float(r[-1]) for r in rows[1:])
+
+
+def textbook_img_per_s(module, folder, steps, batch=64, workers=2):
+    """pytorch/examples-style DCGAN loop: ImageFolder + DataLoader + transforms every epoch, fp32."""
+    import torchvision.datasets as dset
+    import torchvision.transforms as T
+    root = tempfile.mkdtemp()
+    os.symlink(os.path.abspath(folder), os.path.join(root, 'faces'))   # ImageFolder wants class folders
+    ds = dset.ImageFolder(root, transform=T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(),
+                                                     T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    G, D = module.Generator(), module.Discriminator()
+    G.apply(module.init_weights), D.apply(module.init_weights)
+    opt_g = torch.optim.Adam(G.parameters(), lr=5e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    done, t0, warm = 0, None, 5
+    while done < steps + warm:
+        for real, _ in loader:
+            if done == warm:
+                t0 = time.time()
+            fake = G(torch.randn(batch, 100))
+            loss_d = module.d_loss(D(real), D(fake.detach()), 0.9, 0.1)
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            loss_g = module.g_loss(D(fake), 0.9)
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+            loss_d.item(), loss_g.item()   # the textbook prints these every step
+            done += 1
+            if done >= steps + warm:
+                break
+    shutil.rmtree(root)
+    return steps * batch / (time.time() - t0)
+
+
+def step_gflop(module):
+    """FLOPs of one default-size training step (forward + backward of D twice, G once), by torch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    G, D = module.Generator(), module.Discriminator()
+    real = torch.randn(64, 3, 64, 64)
+    with FlopCounterMode(display=False) as fc:
+        fake = G(torch.randn(64, 100))
+        module.d_loss(D(real), D(fake.detach()), 0.9, 0.1).backward()
+        D.requires_grad_(False)
+        module.g_loss(D(fake), 0.9).backward()
+    return fc.get_total_flops() / 1e9
+
+
+def bench_training(names, data_folder, steps, repeats):
+    work = tempfile.mkdtemp()
+    images, files = common.load_images(data_folder, 64)
+    cache = os.path.join(work, 'data.pt')
+    torch.save({'images': images, 'files': files}, cache)
+    for name in names:
+        module = __import__(name)
+        fast, slow = [], []
+        for r in range(repeats):
+            fast.append(script_img_per_s(module, cache, os.path.join(work, name), steps))
+            slow.append(textbook_img_per_s(module, data_folder, steps))
+            print(f'  {name} repeat {r + 1}: script {fast[-1]:.1f} img/s, textbook {slow[-1]:.1f} img/s', flush=True)
+        f, s = statistics.median(fast), statistics.median(slow)
+        gflop = step_gflop(module)
+        print(f'{name:10s} script {f:7.1f} img/s | textbook {s:7.1f} img/s | ratio {f / s:.2f}x | '
+              f'{gflop:.1f} GFLOP/step -> {gflop * f / 64:.0f} GFLOP/s achieved', flush=True)
+    shutil.rmtree(work)
+
+
+def bench_fid(data_folder, weights, n=500, chunk=100):
+    import fid
+    import pytorch_fid.inception as pfi
+    sd = torch.load(weights, weights_only=True)
+    pfi.load_state_dict_from_url = lambda *a, **k: {**sd, 'fc.weight': torch.zeros(1008, 2048), 'fc.bias': torch.zeros(1008)}
+    ref = pfi.InceptionV3([3]).eval()
+    ours = fid.Extractor('fid', weights)
+    images, _ = common.load_images(data_folder, None, log=lambda m: None)
+    images = images[:n]
+    t_ours, t_ref, diff = [], [], 0.0
+    with torch.inference_mode():
+        ours(images[:10]), ref(images[:10].float() / 255)   # warm-up
+        for i in range(0, len(images), chunk):
+            x = images[i:i + chunk]
+            t = time.time()
+            a = torch.cat([ours(b) for b in x.split(50)])
+            t_ours.append(len(x) / (time.time() - t))
+            t = time.time()
+            b = torch.cat([ref(b.float() / 255)[0].flatten(1) for b in x.split(50)])   # pytorch-fid's ToTensor: /255
+            t_ref.append(len(x) / (time.time() - t))
+            diff = max(diff, (a - b).abs().max().item())
+    f, s = statistics.median(t_ours), statistics.median(t_ref)
+    print(f'fid.py     {f:7.1f} img/s | pytorch-fid {s:7.1f} img/s | ratio {f / s:.2f}x | '
+          f'{len(images)} images, max |feature diff| {diff:.2e}', flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--only', nargs='*', default=['dcgan', 'lsgan', 'fid'], help='what to time (default: %(default)s)')
+    p.add_argument('--data', default=common.DEFAULT_DATA, help='image folder (default: the bundled faces)')
+    p.add_argument('--steps', type=int, default=60, help='timed steps per training measurement (default: %(default)s)')
+    p.add_argument('--repeats', type=int, default=3, help='alternations per model (default: %(default)s)')
+    p.add_argument('--weights', default=os.path.join(HERE, '..', 'shared', 'weights', 'pt_inception-2015-12-05-nofc.pth'),
+                   help='FID Inception weights for both fid.py and pytorch-fid (default: %(default)s)')
+    args = p.parse_args()
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 CPU: {common.cpu_has_bf16()}', flush=True)
+    models = [m for m in args.only if m != 'fid']
+    if models:
+        bench_training(models, args.data, args.steps, args.repeats)
+    if 'fid' in args.only:
+        bench_fid(args.data, args.weights)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
