@@ -72,9 +72,9 @@ def test_resume_equals_uninterrupted(module, faces, tmp_path):
 
 def test_resume_keeps_flags_and_refuses_overwrite(faces, tmp_path):
     out = tmp_path / 'run'
-    train(dcgan, faces, out, '--epochs', '1', '--lr-g', '1e-3')
+    train(dcgan, faces, out, '--epochs', '1', '--lr-g', '1e-3', '--deterministic', '--flip')
     args = dcgan.get_args(['--out', str(out), '--resume', '--epochs', '3'])
-    assert args.lr_g == 1e-3 and args.ngf == 8 and args.epochs == 3 and args.data == faces
+    assert args.lr_g == 1e-3 and args.ngf == 8 and args.epochs == 3 and args.data == faces and args.flip
     before = open(out / 'ckpt.pt', 'rb').read()
     with pytest.raises(UserError, match='pass --resume'):
         train(dcgan, faces, out, '--epochs', '1')
