@@ -582,7 +582,11 @@ class Run:
     # -- model registration and resume ------------------------------------------------------------
     def setup(self, models, optims, model_args, fixed, sample_inputs, sample_model='G', extra=None):
         """Register what a checkpoint holds; with --resume, load it all back (weights, optimisers, step,
-        RNG) so the run continues exactly as if it had never stopped."""
+        RNG) so the run continues exactly as if it had never stopped.
+
+        models/optims: name -> module/optimizer (an EMA generator is one more model); fixed: the inputs of
+        the progress grids; sample_model: the model that samples (e.g. 'G_ema'); extra: a dict of plain
+        values a script wants saved and restored with the run (e.g. an augmentation probability)."""
         self.models, self.optims, self.model_args = models, optims, model_args
         self.fixed, self.sample_inputs, self.sample_model = fixed, sample_inputs, sample_model
         self.extra = extra if extra is not None else {}
@@ -617,9 +621,9 @@ class Run:
                     for t in list(m.parameters()) + list(m.buffers()):
                         dist.broadcast(t.data, 0)
                 torch.manual_seed(self.args.seed + 7919 * self.rank)
-            if self.main:
-                with open(os.path.join(self.out, 'args.json'), 'w') as f:
-                    json.dump(vars(self.args), f, indent=2)
+        if self.main:   # the flags of this invocation (a resume may have changed --epochs, say)
+            with open(os.path.join(self.out, 'args.json'), 'w') as f:
+                json.dump(vars(self.args), f, indent=2)
 
     def checkpoint(self):
         rng = {'cpu': torch.get_rng_state()}

@@ -299,7 +299,8 @@ def main(argv=None):
     if not args.save_stats and not args.b:
         p.error('give two inputs to compare, or one with --save-stats OUT.npz')
     args.device = common.pick_device(args.device)
-    torch.set_num_threads(common.physical_cores()) if args.device.type == 'cpu' else None
+    if args.device.type == 'cpu':
+        torch.set_num_threads(common.physical_cores())
     for src in [args.a] + ([args.b] if args.b else []):
         if not os.path.exists(src):
             common.fail(f'{src}: no such file or folder')
