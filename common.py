@@ -49,9 +49,9 @@ def fail(msg):
 # ----------------------------------------------------------------------------------------------------
 # CLI
 
-def base_parser(doc, epochs, batch_size):
+def base_parser(script, doc, epochs, batch_size):
     """The flags every training script shares. Scripts add their own model/optimiser flags."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=f'{script}.py', description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--data', default=DEFAULT_DATA, help='folder of images (recursive), a .zip of images, or a data '
       'cache .pt written by an earlier run (default: the bundled sample, %(default)s)')
@@ -93,15 +93,19 @@ def parse_args(parser, argv=None):
     """Parse flags. With --resume, the run's saved flags become the defaults, so
     `python dcgan.py --out RUN --resume` continues with exactly the settings it started with."""
     args = parser.parse_args(argv)
+    run_dir = os.path.join('runs', parser.prog[:-3])   # the default run folder: runs/<script>
     if args.resume and not args.sample:
-        out = args.out or default_out(parser.prog)
-        path = os.path.join(out, 'ckpt.pt')
+        path = os.path.join(args.out or run_dir, 'ckpt.pt')
         if not os.path.exists(path):
             parser.error(f'--resume: no checkpoint at {path}; start a new run without --resume')
         saved = load_checkpoint(path)['args']
         known = {a.dest for a in parser._actions}
         parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in ('resume', 'sample', 'ckpt')})
         args = parser.parse_args(argv)
+    if args.sample:
+        args.ckpt = args.ckpt or os.path.join(args.out or run_dir, 'ckpt.pt')
+    else:
+        args.out = args.out or run_dir
     for name in ('epochs', 'batch_size', 'image_size', 'log_every', 'grid_every', 'save_every'):
         if getattr(args, name) <= 0:
             parser.error(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
@@ -111,10 +115,6 @@ def parse_args(parser, argv=None):
         parser.error(f'--fid-every needs --fid-stats FILE.npz (got {args.fid_stats}); make it with '
                      f'`python fid.py DATA --save-stats FILE.npz`')
     return args
-
-
-def default_out(prog):
-    return os.path.join('runs', os.path.splitext(os.path.basename(prog))[0])
 
 
 def main_guard(fn, argv=None):
@@ -514,7 +514,7 @@ def write_samples(G, sample_inputs, model_args, n, folder, device, seed):
 def sample_main(args, sample_inputs):
     """--sample N: rebuild G from the checkpoint alone, write the fixed-z grid it was trained with, a grid
     of N new images and the N images as PNGs (with the same --seed, the images that training wrote to samples/)."""
-    path = args.ckpt or os.path.join(args.out or default_out(sys.argv[0]), 'ckpt.pt')
+    path = args.ckpt
     ckpt = load_checkpoint(path)
     device = pick_device(args.device)
     G, _ = load_generator(ckpt, device)
@@ -543,7 +543,7 @@ class Run:
         self.main = self.rank == 0
         self.dtype = pick_precision(args.precision, self.device)
         seed_everything(args.seed, args.deterministic)
-        self.out = args.out = args.out or default_out(script)
+        self.out = args.out
         self.ckpt_path = os.path.join(self.out, 'ckpt.pt')
         if not args.resume and os.path.exists(self.ckpt_path):
             fail(f'{self.ckpt_path} exists; pass --resume to continue that run, or choose another --out')

@@ -18,7 +18,7 @@ import common
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__, epochs=150, batch_size=64)
+    p = common.base_parser('dcgan', __doc__, epochs=150, batch_size=64)
     p.add_argument('--z-dim', type=int, default=100, help='latent size (default: %(default)s)')
     p.add_argument('--ngf', type=int, default=64, help='G width: channels of its last hidden layer (default: %(default)s)')
     p.add_argument('--ndf', type=int, default=64, help='D width: channels of its first layer (default: %(default)s)')

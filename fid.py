@@ -235,6 +235,15 @@ def checkpoint_batches(ckpt, n, batch_size, device, seed, save_dir=None):
         yield as_uint8(x)
 
 
+def is_checkpoint(path):
+    """A .pt is either a checkpoint of our scripts (it has a 'format') or a data cache of images."""
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:
+        common.fail(f'{path}: unreadable ({type(e).__name__}); expected a checkpoint or a data cache .pt')
+    return isinstance(obj, dict) and 'format' in obj
+
+
 def features_of(src, extractor, args, log=print):
     """-> (features or None, mu, sigma, n) for any supported input."""
     if src.endswith('.npz'):
@@ -247,10 +256,9 @@ def features_of(src, extractor, args, log=print):
         if 'inception' in z.files and str(z['inception']) != extractor.kind:
             common.fail(f'{src} holds --inception {z["inception"]} statistics; rerun with that, or recompute the .npz')
         return feats, mu, sigma, int(z['n']) if 'n' in z.files else None
-    is_ckpt = src.endswith('.pt') and 'format' in torch.load(src, map_location='cpu', weights_only=True, mmap=True)
-    if is_ckpt:
-        batches = checkpoint_batches(common.load_checkpoint(src), args.n, args.batch_size, args.device, args.seed,
-                                     args.save_samples)
+    ckpt = common.load_checkpoint(src) if src.endswith('.pt') and is_checkpoint(src) else None
+    if ckpt:
+        batches = checkpoint_batches(ckpt, args.n, args.batch_size, args.device, args.seed, args.save_samples)
         n = args.n
     else:
         images, _ = common.load_images(src, size=args.image_size, log=log)

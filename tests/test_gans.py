@@ -157,6 +157,9 @@ def test_cli_errors_are_one_line(tmp_path):
     assert p.returncode == 2 and '--epochs must be positive' in p.stderr
     p = run_cli('dcgan.py', '--sample', '4', '--ckpt', str(tmp_path / 'nope.pt'))
     assert p.returncode == 1 and 'nope.pt not found' in p.stderr
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'lsgan.py'), '--sample', '2'], cwd=tmp_path,
+                       capture_output=True, text=True)   # default checkpoint: runs/<script>/ckpt.pt
+    assert p.returncode == 1 and 'runs/lsgan/ckpt.pt not found' in p.stderr
     p = run_cli('dcgan.py', '--help')
     assert p.returncode == 0 and '--lr-g' in p.stdout and '0.0005' in p.stdout
 
