@@ -354,7 +354,8 @@ class ImageBatches:
 # Labels: CSV `file,attr1,attr2,...` joined to the images by file name
 
 def read_labels_csv(path):
-    """-> (attribute names, {file: [value or '' per attribute]}). Values are strings; '' = unknown."""
+    """-> (attribute names, {file: [value or '' per attribute]}). Values are strings; '' = unknown.
+    Columns named `*_confidence` (label.py's scores) are not attributes and are left out."""
     if not os.path.isfile(path):
         fail(f'--labels {path}: no such file; give a CSV with a header `file,attr1,attr2,...`')
     with open(path, newline='', encoding='utf-8-sig') as f:
@@ -374,6 +375,9 @@ def read_labels_csv(path):
         if name in table:
             fail(f'--labels {path}, line {n}: {name} is listed twice')
         table[name] = [c.strip() for c in row[1:]]
+    # label.py writes a `<attr>_confidence` column beside each attribute: a number, not a class
+    keep = [i for i, a in enumerate(attrs) if not a.endswith('_confidence')]
+    attrs, table = [attrs[i] for i in keep], {k: [v[i] for i in keep] for k, v in table.items()}
     if not table:
         fail(f'--labels {path}: no rows under the header')
     return attrs, table
