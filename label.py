@@ -318,7 +318,7 @@ def get_args(argv=None):
     t.add_argument('--unlabelled-weight', type=float, default=1.0,
                    help='weight of the FixMatch consistency loss; 0 = supervised only (default: %(default)s)')
     t.add_argument('--threshold', type=float, default=0.95, help='confidence that makes a pseudo-label (default: %(default)s)')
-    t.add_argument('--class-balance', action=argparse.BooleanOptionalAction, default=False,
+    t.add_argument('--class-balance', action=argparse.BooleanOptionalAction, default=True,
                    help='weight the cross-entropy by inverse class frequency (default: %(default)s)')
     t.add_argument('--lr', type=float, default=3e-3, help='peak AdamW learning rate, one-cycle (default: %(default)s)')
     t.add_argument('--width', type=int, default=32, help='channels of the first conv block (default: %(default)s)')
