@@ -162,7 +162,6 @@ def colour_baseline(images, y, train_idx, val_idx, vocab):
 
 def train(args):
     common.seed_everything(args.seed)
-    torch.set_num_threads(common.physical_cores())
     images, files = common.load_images(args.data, 64)
     _, table = common.read_labels_csv(args.labels)
     known = set(files) | {os.path.basename(f) for f in files}
@@ -244,7 +243,6 @@ def load_classifier(path):
 
 
 def predict(args):
-    torch.set_num_threads(common.physical_cores())
     model, vocab = load_classifier(args.ckpt)
     images, files = common.load_images(args.data, 64)
     probs = predict_probs(model, images)
@@ -268,7 +266,6 @@ def predict(args):
 
 def score(args):
     """How often generated faces carry the asked-for attributes (per --attr), and the attribute shares."""
-    torch.set_num_threads(common.physical_cores())
     model, vocab = load_classifier(args.ckpt)
     asked = parse_attrs(args.attr, vocab)
     if os.path.isfile(args.gen) and args.gen.endswith('.pt'):
@@ -344,6 +341,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    torch.set_num_threads(common.physical_cores())
     return {'train': train, 'predict': predict, 'score': score}[args.cmd](args)
 
 
