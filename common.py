@@ -321,7 +321,7 @@ class ImageBatches:
     """Batches drawn from an in-memory uint8 tensor: epoch order and flips are a pure function of
     (seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would have seen."""
 
-    def __init__(self, images, batch_size, seed, flip=False, device='cpu', rank=0, world=1, on_device=None):
+    def __init__(self, images, batch_size, seed, flip=False, device='cpu', rank=0, world=1, on_device=None, labels=None):
         if len(images) < batch_size:
             fail(f'only {len(images)} images for --batch-size {batch_size}; lower --batch-size or add images')
         if batch_size % world:
@@ -329,6 +329,7 @@ class ImageBatches:
         self.device = torch.device(device)
         on_device = self.device.type == 'cuda' if on_device is None else on_device
         self.images = images.to(self.device) if on_device else images   # a GPU holds 19k faces in 230 MB
+        self.labels = None if labels is None else labels.to(self.images.device)
         self.batch_size, self.seed, self.flip, self.rank, self.world = batch_size, seed, flip, rank, world
         self.steps_per_epoch = len(images) // batch_size   # drop the last partial batch: fixed shapes
         self._epoch, self._order = None, None
@@ -347,7 +348,10 @@ class ImageBatches:
         if self.flip:
             f = flips[idx].to(self.device).view(-1, 1, 1, 1)
             x = torch.where(f, x.flip(3), x)
-        return x.div_(127.5).sub_(1.0)   # [0, 255] -> [-1, 1], the range of G's tanh
+        x = x.div_(127.5).sub_(1.0)   # [0, 255] -> [-1, 1], the range of G's tanh
+        if self.labels is None:
+            return x
+        return x, self.labels[idx.to(self.labels.device)].to(self.device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -418,6 +422,64 @@ def join_labels(path, names, vocab=None, require_all=True):
     return y, vocab
 
 
+def add_label_args(parser):
+    """The flags of the conditional scripts (acgan.py, wacgan_gp.py)."""
+    parser.add_argument('--labels', default=os.path.join(HERE, 'data', 'labels.csv'),
+                        help='CSV `file,attr1,attr2,...` joined to --data by file name; empty = unknown; for the shared '
+                        'faces use results/anime-faces-64-labels.csv (default: the bundled hand labels, %(default)s)')
+    parser.add_argument('--attr', action='append', metavar='K=V', default=None,
+                        help='with --sample: ask for this attribute value, repeatable, e.g. --attr hair=blonde --attr eyes=blue')
+
+
+def label_model_args(y, vocab, path):
+    """What a conditional generator's checkpoint keeps about its labels: the class names of each attribute
+    and the joint distribution of label combinations in the data (a count per combination seen in rows with
+    every attribute known), from which fakes draw their labels, in training and when sampling."""
+    complete = y[(y >= 0).all(1)]
+    if len(complete) == 0:
+        fail(f'--labels {path}: no image has every attribute known; fill in some rows or drop the sparse column')
+    combos, counts = complete.unique(dim=0, return_counts=True)
+    return {'vocab': vocab, 'label_prior': [[*c, int(n)] for c, n in zip(combos.tolist(), counts)]}
+
+
+def parse_attrs(pairs, vocab):
+    """['hair=blonde', ...] -> {'hair': 'blonde', ...}, checked against vocab (attribute -> class names)."""
+    asked = dict(p.partition('=')[::2] for p in pairs or [])
+    attr_indices(asked, vocab)
+    return asked
+
+
+def attr_indices(asked, vocab):
+    """{'hair': 'blonde'} -> {attribute index: class index}; an unknown name is an error listing the valid ones."""
+    out = {}
+    for k, v in asked.items():
+        if k not in vocab:
+            fail(f'--attr {k}={v}: unknown attribute {k!r}; known: {", ".join(vocab)}')
+        if v not in vocab[k]:
+            fail(f'--attr {k}={v}: unknown {k} {v!r}; known: {"|".join(vocab[k])}')
+        out[list(vocab).index(k)] = vocab[k].index(v)
+    return out
+
+
+def draw_labels(model_args, n, device='cpu', generator=None, attrs=None):
+    """n label rows (LongTensor (n, A)) drawn from the data's joint label distribution. attrs fixes some
+    attributes ({'hair': 'blonde'}); the others are drawn given them, so blonde faces get the eye colours
+    blonde faces have in the data (or, for a combination the data never shows, from all rows)."""
+    vocab = model_args['vocab']
+    table = torch.tensor(model_args['label_prior'])
+    combos, counts = table[:, :-1], table[:, -1].float()
+    fixed = attr_indices(attrs or {}, vocab)
+    match = torch.ones(len(combos), dtype=torch.bool)
+    for i, c in fixed.items():
+        match &= combos[:, i] == c
+    if match.any():
+        counts = counts * match
+    y = combos[torch.multinomial(counts, n, replacement=True, generator=generator)]
+    for i, c in fixed.items():
+        y[:, i] = c
+    return y.to(device)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: one self-describing dict, written atomically, read as data (weights_only)
 
@@ -486,12 +548,21 @@ def to_uint8(x):
     return ((x + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(x, path, nrow=8):
-    """Images in [-1, 1] -> one PNG grid."""
+def save_grid(x, path, nrow=8, row_labels=None):
+    """Images in [-1, 1] -> one PNG grid, optionally with a text label left of each row."""
     import torchvision.utils as vutils
     grid = vutils.make_grid(x.float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+    im = Image.fromarray(to_uint8(grid[None] * 2 - 1)[0])
+    if row_labels:
+        margin, row_h = 7 * max(map(len, row_labels)) + 8, x.shape[2] + 2
+        canvas = Image.new('RGB', (im.width + margin, im.height), 'white')
+        canvas.paste(im, (margin, 0))
+        draw = ImageDraw.Draw(canvas)
+        for i, text in enumerate(row_labels):
+            draw.text((4, 2 + i * row_h + row_h // 2 - 6), text, fill='black')
+        im = canvas
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(to_uint8(grid[None] * 2 - 1)[0]).save(path)
+    im.save(path)
 
 
 def save_pngs(x, folder, start=0):
@@ -500,11 +571,29 @@ def save_pngs(x, folder, start=0):
         Image.fromarray(a).save(os.path.join(folder, f'{start + i:06d}.png'))
 
 
-def sample_batches(G, sample_inputs, model_args, n, device, seed, batch_size=250):
-    """n images from G in [-1, 1], in batches of bounded memory, from inputs drawn with their own seed."""
+def sample_batches(G, sample_inputs, model_args, n, device, seed, batch_size=250, attrs=None, with_inputs=False):
+    """n images from G in [-1, 1], in batches of bounded memory, from inputs drawn with their own seed.
+    attrs ({'hair': 'blonde'}) goes to a conditional script's sample_inputs; with_inputs also yields the inputs."""
     g = torch.Generator().manual_seed(seed)
+    kw = {'attrs': attrs} if attrs else {}
     for i in range(0, n, batch_size):
-        yield generate(G, tuple(t.to(device) for t in sample_inputs(model_args, min(batch_size, n - i), 'cpu', g)))
+        inputs = sample_inputs(model_args, min(batch_size, n - i), 'cpu', g, **kw)
+        x = generate(G, tuple(t.to(device) for t in inputs))
+        yield (x, inputs) if with_inputs else x
+
+
+def attribute_grids(G, sample_inputs, model_args, out, device, seed, ncols=8, attrs=None):
+    """For a conditional generator, inputs (z, labels): one grid per attribute, one row per class of it,
+    the same z and other labels down each column, so the control shows at a glance. -> written paths."""
+    vocab, paths = model_args['vocab'], []
+    for a, name in enumerate(vocab):
+        z, y = sample_inputs(model_args, ncols, 'cpu', torch.Generator().manual_seed(seed), **({'attrs': attrs} if attrs else {}))
+        classes = len(vocab[name])
+        z, y = z.repeat(classes, 1), y.repeat(classes, 1)
+        y[:, a] = torch.arange(classes).repeat_interleave(ncols)
+        paths.append(os.path.join(out, f'attr_{name}.png'))
+        save_grid(generate(G, (z.to(device), y.to(device))), paths[-1], nrow=ncols, row_labels=vocab[name])
+    return paths
 
 
 def write_samples(G, sample_inputs, model_args, n, folder, device, seed):
@@ -522,12 +611,21 @@ def sample_main(args, sample_inputs):
     ckpt = load_checkpoint(path)
     device = pick_device(args.device)
     G, _ = load_generator(ckpt, device)
+    model_args = ckpt['model_args']
+    conditional = 'vocab' in model_args
+    if getattr(args, 'attr', None) and not conditional:
+        fail(f'--attr: {path} is an unconditional {ckpt["script"]}.py model; train acgan.py or wacgan_gp.py with --labels')
+    attrs = parse_attrs(getattr(args, 'attr', None), model_args['vocab']) if conditional else None
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), 'sample')
     save_grid(generate(G, tuple(t.to(device) for t in ckpt['fixed'])), os.path.join(out, 'fixed_grid.png'))
-    x = torch.cat(list(sample_batches(G, sample_inputs, ckpt['model_args'], args.sample, device, args.seed + 1)))
+    x = torch.cat(list(sample_batches(G, sample_inputs, model_args, args.sample, device, args.seed + 1, attrs=attrs)))
     save_grid(x[:256], os.path.join(out, 'grid.png'), nrow=max(1, min(16, int(math.ceil(math.sqrt(min(len(x), 256)))))))
     save_pngs(x, out)
-    print(f'wrote {args.sample} images, grid.png and fixed_grid.png to {out} (step {ckpt["step"]} of {path})')
+    extra = ''
+    if conditional:
+        grids = attribute_grids(G, sample_inputs, model_args, out, device, args.seed + 1, attrs=attrs)
+        extra = ', ' + ', '.join(os.path.basename(p) for p in grids) + (f' for {attrs}' if attrs else '')
+    print(f'wrote {args.sample} images, grid.png, fixed_grid.png{extra} to {out} (step {ckpt["step"]} of {path})')
     return out
 
 
@@ -572,6 +670,16 @@ class Run:
             cache = os.path.join(self.out, f'data_{self.args.image_size}.pt')
         images, self.files = load_images(self.args.data, self.args.image_size, cache, self.log)
         return images
+
+    def load_labels(self):
+        """--labels for the images load_images returned -> (LongTensor (N, A), -1 = unknown; the label part of
+        model_args). A resumed run keeps its checkpoint's classes, so class indices keep their meaning."""
+        if self.args.resume:
+            saved = load_checkpoint(self.ckpt_path)['model_args']
+            y, _ = join_labels(self.args.labels, self.files, saved['vocab'])
+            return y, {k: saved[k] for k in ('vocab', 'label_prior')}
+        y, vocab = join_labels(self.args.labels, self.files)
+        return y, label_model_args(y, vocab, self.args.labels)
 
     def autocast(self):
         """Mixed precision for the forward passes; losses are computed in fp32 by the scripts."""
@@ -688,11 +796,12 @@ class Run:
         self._n += 1
 
     # -- the loop -----------------------------------------------------------------------------------
-    def batches(self, images):
-        """Yield (step, real batch) until --epochs are done. Between steps: progress lines and
-        losses.csv, fixed-z grids, checkpoints, generator snapshots, and a clean stop on SIGTERM/Ctrl-C."""
+    def batches(self, images, labels=None):
+        """Yield (step, real batch), or (step, real batch, its labels) when labels are given, until --epochs
+        are done. Between steps: progress lines and losses.csv, fixed-z grids, checkpoints, generator
+        snapshots, and a clean stop on SIGTERM/Ctrl-C."""
         a = self.args
-        data = ImageBatches(images, a.batch_size, a.seed, a.flip, self.device, self.rank, self.world)
+        data = ImageBatches(images, a.batch_size, a.seed, a.flip, self.device, self.rank, self.world, labels=labels)
         self.steps_per_epoch = spe = data.steps_per_epoch
         total = a.epochs * spe
         self.global_step = self.start_step
@@ -710,9 +819,10 @@ class Run:
             self.grid()
         while self.global_step < total:
             x = data.get(self.global_step)
+            x, y = x if labels is not None else (x, None)
             if a.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield self.global_step, x
+            yield (self.global_step, x) if y is None else (self.global_step, x, y)
             self.global_step += 1
             s = self.global_step
             fid_due = a.fid_every and s % (a.fid_every * spe) == 0
@@ -814,6 +924,11 @@ class Run:
                 'models': {self.sample_model: self.models[self.sample_model].state_dict()},
                 'fixed': [t.cpu() for t in self.fixed], 'versions': {'torch': str(torch.__version__)}}
 
+    def write_json(self, name, obj):
+        if self.main:
+            with open(os.path.join(self.out, name), 'w') as f:
+                json.dump(obj, f, indent=2)
+
     def plots(self):
         if self.main:
             plot_losses(os.path.join(self.out, 'losses.csv'), os.path.join(self.out, 'loss_curve.png'))
@@ -828,6 +943,9 @@ class Run:
             write_samples(self.models[self.sample_model], self.sample_inputs, self.model_args,
                           self.args.n_samples, folder, self.device, self.args.seed + 1)
             self.log(f'wrote {self.args.n_samples} samples to {folder}')
+        if self.main and 'vocab' in self.model_args:
+            attribute_grids(self.models[self.sample_model], self.sample_inputs, self.model_args, self.out,
+                            self.device, self.args.seed + 1)
         self.log(f'done: {self.out} (checkpoint, grids/, progress.gif, loss_curve.png, losses.csv)')
         if self.world > 1:
             dist.barrier()

@@ -265,40 +265,49 @@ def predict(args):
 
 
 def score(args):
-    """How often generated faces carry the asked-for attributes (per --attr), and the attribute shares."""
+    """Attribute shares of generated faces, how often the asked-for attributes (--attr) appear, and, for a
+    conditional generator, how often each face carries the labels it was generated from (asked = got)."""
     model, vocab = load_classifier(args.ckpt)
-    asked = parse_attrs(args.attr, vocab)
+    asked = common.parse_attrs(args.attr, vocab)
+    result = {'n': 0, 'shares': {}, 'asked': {}}
+    labels = None
     if os.path.isfile(args.gen) and args.gen.endswith('.pt'):
         ckpt = common.load_checkpoint(args.gen)
         G, module = common.load_generator(ckpt)
-        x = torch.cat(list(common.sample_batches(G, module.sample_inputs, ckpt['model_args'], args.n, 'cpu', args.seed)))
-        images = torch.from_numpy(common.to_uint8(x)).permute(0, 3, 1, 2)
+        gen_vocab = ckpt['model_args'].get('vocab')
+        xs, ys = [], []
+        for x, inputs in common.sample_batches(G, module.sample_inputs, ckpt['model_args'], args.n, 'cpu', args.seed,
+                                               attrs=asked if gen_vocab else None, with_inputs=True):
+            xs.append(x)
+            ys.append(inputs[1] if gen_vocab else None)
+        images = torch.from_numpy(common.to_uint8(torch.cat(xs))).permute(0, 3, 1, 2)
+        if gen_vocab:
+            labels = torch.cat(ys)
     else:
         images, _ = common.load_images(args.gen, 64)
     probs = predict_probs(model, images)
-    result = {'n': len(images), 'shares': {}, 'asked': {}}
+    result['n'] = len(images)
     for i, a in enumerate(vocab):
         pred = probs[i].argmax(1)
         result['shares'][a] = {v: (pred == c).float().mean().item() for c, v in enumerate(vocab[a])}
         if a in asked:
             result['asked'][a] = {'value': asked[a], 'hit_rate': (pred == vocab[a].index(asked[a])).float().mean().item()}
+    if labels is not None:   # the classifier's reading of each face against the class it was generated from
+        result['asked_equals_got'] = {}
+        for j, a in enumerate(gen_vocab):
+            if a not in vocab:
+                continue
+            want = torch.tensor([vocab[a].index(v) if v in vocab[a] else -1 for v in gen_vocab[a]])[labels[:, j]]
+            got = probs[list(vocab).index(a)].argmax(1)
+            result['asked_equals_got'][a] = ((got == want) & (want >= 0)).sum().item() / max(1, (want >= 0).sum().item())
     for a, s in result['shares'].items():
         print(f'{a}: ' + ', '.join(f'{v} {p:.1%}' for v, p in sorted(s.items(), key=lambda kv: -kv[1])))
     for a, r in result['asked'].items():
         print(f'asked {a}={r["value"]}: got it in {r["hit_rate"]:.1%} of {len(images)} faces')
+    if 'asked_equals_got' in result:
+        print(f'asked = got (classifier {args.ckpt} on {len(images)} faces): '
+              + ', '.join(f'{a} {v:.1%}' for a, v in result['asked_equals_got'].items()))
     return result
-
-
-def parse_attrs(pairs, vocab):
-    asked = {}
-    for p in pairs or []:
-        k, _, v = p.partition('=')
-        if k not in vocab:
-            common.fail(f'--attr {p}: unknown attribute {k!r}; known: {", ".join(vocab)}')
-        if v not in vocab[k]:
-            common.fail(f'--attr {p}: unknown {k} {v!r}; known: {"|".join(vocab[k])}')
-        asked[k] = v
-    return asked
 
 
 def get_args(argv=None):

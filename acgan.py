@@ -1,0 +1,221 @@
+"""ACGAN: Odena, Olah & Shlens, "Conditional Image Synthesis With Auxiliary Classifier GANs", 2017.
+https://arxiv.org/abs/1610.09585
+
+Faces on demand: G takes z and one class per attribute (hair colour, eye colour, gender, ... one column
+each in a labels CSV); D says real or fake and, with one classifier head per attribute, which classes it
+sees. Both players are trained to classify: D on real images by their labels and on fakes by the labels
+they were made from, G to make fakes that D reads as the labels asked for. The networks are the DCGAN of
+dcgan.py with the labels one-hot into G's input and the classifier heads beside D's real/fake output;
+Adam 2e-4 for both, betas (0.5, 0.999) as in the paper, fuzzy labels 0.9 / 0.1 as the reports' DCGAN.
+
+    python label.py predict ...                                  # labels for a whole dataset (see label.py)
+    python acgan.py --data faces/ --labels labels.csv --epochs 50
+    python acgan.py --out runs/acgan --resume                    # continue a stopped run exactly
+    python acgan.py --sample 64 --ckpt runs/acgan/ckpt.pt --attr hair=blonde --attr eyes=blue
+
+Labels of the fakes are drawn from the data's joint label distribution (kept in the checkpoint), so
+asking for blonde hair also draws eye colours that blonde faces have. A run writes attr_<name>.png (a
+row per class, the same z down each column) and control.json: how often D's heads read the asked-for
+classes on generated faces. `label.py score --gen RUN/ckpt.pt` measures the same with an independent
+classifier.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def get_args(argv=None):
+    p = common.base_parser('acgan', __doc__, epochs=50, batch_size=64)
+    common.add_label_args(p)
+    p.add_argument('--z-dim', type=int, default=100, help='latent size (default: %(default)s)')
+    p.add_argument('--ngf', type=int, default=64, help='G width: channels of its last hidden layer (default: %(default)s)')
+    p.add_argument('--ndf', type=int, default=64, help='D width: channels of its first layer (default: %(default)s)')
+    p.add_argument('--lr-g', type=float, default=2e-4, help='Adam learning rate of G (default: %(default)s)')
+    p.add_argument('--lr-d', type=float, default=2e-4, help='Adam learning rate of D (default: %(default)s)')
+    p.add_argument('--beta1', type=float, default=0.5, help='Adam beta1 (default: %(default)s)')
+    p.add_argument('--beta2', type=float, default=0.999, help='Adam beta2 (default: %(default)s)')
+    p.add_argument('--real-label', type=float, default=0.9, help='fuzzy target for real images (default: %(default)s)')
+    p.add_argument('--fake-label', type=float, default=0.1, help='fuzzy target for fakes in the D loss (default: %(default)s)')
+    p.add_argument('--cls-weight', type=float, default=1.0, help='weight of the classification losses (default: %(default)s)')
+    p.add_argument('--control-n', type=int, default=2000,
+                   help='generated faces on which control.json measures D\'s heads at the end (default: %(default)s)')
+    return common.parse_args(p, argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+class Generator(nn.Module):
+    """DCGAN generator whose input is z concatenated with the one-hot class of every attribute.
+
+    vocab: attribute -> class names (from the labels CSV); label_prior: the data's label combinations and
+    their counts, unused by the network but kept with its arguments so sampling needs no CSV."""
+
+    def __init__(self, z_dim=100, ngf=64, vocab=None, label_prior=None, nc=3):
+        super().__init__()
+        self.z_dim, self.n_classes = z_dim, [len(v) for v in vocab.values()]
+        block = lambda cin, cout: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(z_dim + sum(self.n_classes), ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
+            *block(ngf * 8, ngf * 4),                           # (ngf*8) x 4 x 4 -> (ngf*4) x 8 x 8
+            *block(ngf * 4, ngf * 2),                           # -> (ngf*2) x 16 x 16
+            *block(ngf * 2, ngf),                               # -> ngf x 32 x 32
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1), nn.Tanh(),    # -> nc x 64 x 64, in [-1, 1]
+        )
+
+    def forward(self, z, y):                                    # z: (B, z_dim), y: (B, attributes) class indices
+        onehot = [F.one_hot(y[:, i], n).to(z.dtype) for i, n in enumerate(self.n_classes)]
+        return self.net(torch.cat([z, *onehot], 1)[:, :, None, None])
+
+
+class Discriminator(nn.Module):
+    """DCGAN discriminator with two outputs from its last features: a real/fake logit and, per attribute,
+    class logits (never softmaxed here: cross_entropy takes logits)."""
+
+    def __init__(self, ndf=64, n_classes=(2,), nc=3):
+        super().__init__()
+        self.n_classes = list(n_classes)
+        block = lambda cin, cout: [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True)]
+        self.features = nn.Sequential(
+            nn.Conv2d(nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True),  # nc x 64 x 64 -> ndf x 32 x 32
+            *block(ndf, ndf * 2),                                   # -> (ndf*2) x 16 x 16
+            *block(ndf * 2, ndf * 4),                               # -> (ndf*4) x 8 x 8
+            *block(ndf * 4, ndf * 8),                               # -> (ndf*8) x 4 x 4
+        )
+        self.adv = nn.Conv2d(ndf * 8, 1, 4, 1, 0)                   # -> 1 x 1 x 1: real/fake logit
+        self.cls = nn.Conv2d(ndf * 8, sum(self.n_classes), 4, 1, 0)  # -> all attributes' class logits
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.adv(h).flatten(), self.cls(h).flatten(1).split(self.n_classes, dim=1)
+
+
+def init_weights(m):
+    """DCGAN paper: all weights from N(0, 0.02); BatchNorm scale from N(1, 0.02)."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def sample_inputs(model_args, n, device, generator=None, attrs=None):
+    """What G(*inputs) needs for n images: z ~ N(0, I) and labels drawn from the data's label
+    distribution; attrs ({'hair': 'blonde'}) fixes some attributes, the rest follow the data given them."""
+    z = torch.randn(n, model_args['z_dim'], device=device, generator=generator)
+    return z, common.draw_labels(model_args, n, device, generator, attrs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses: binary cross-entropy on the real/fake logit, cross-entropy on the class logits
+
+def d_adv_loss(real_logits, fake_logits, real_label, fake_label):
+    """maximize log D(x) + log(1 - D(G(z, y))), targets softened to real_label / fake_label."""
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, real_label))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.full_like(fake_logits, fake_label)))
+
+
+def g_adv_loss(fake_logits, real_label):
+    """Non-saturating: maximize log D(G(z, y))."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.full_like(fake_logits, real_label))
+
+
+def cls_loss(logits, y):
+    """Sum over attributes of the mean cross-entropy of the class logits; unknown labels (-1) are left out
+    (and a batch with none known for an attribute adds 0, not NaN)."""
+    loss = 0.0
+    for i, lg in enumerate(logits):
+        known = y[:, i] >= 0
+        ce = F.cross_entropy(lg.float(), y[:, i].clamp(min=0), reduction='none')
+        loss = loss + (ce * known).sum() / known.sum().clamp(min=1)
+    return loss
+
+
+def accuracy(logits, y):
+    """Mean over attributes of the share of known labels that the heads' argmax gets right."""
+    acc = [((lg.argmax(1) == y[:, i]) & (y[:, i] >= 0)).sum() / (y[:, i] >= 0).sum().clamp(min=1)
+           for i, lg in enumerate(logits)]
+    return torch.stack(acc).float().mean()
+
+
+@torch.no_grad()
+def control_accuracy(G, D, model_args, n, device, seed):
+    """Per attribute, how often D's classifier head reads a generated face as the class it was asked for."""
+    D.eval()
+    hits = torch.zeros(len(model_args['vocab']))
+    for x, (_, y) in common.sample_batches(G, sample_inputs, model_args, n, device, seed, with_inputs=True):
+        _, logits = D(x.to(device))
+        hits += torch.stack([(lg.argmax(1).cpu() == y[:, i]).sum() for i, lg in enumerate(logits)]).float()
+    D.train()
+    return {a: round(h.item() / n, 4) for a, h in zip(model_args['vocab'], hits)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+def train(args):
+    if args.image_size != 64:
+        common.fail('acgan.py builds 64x64 models; use --image-size 64')
+    run = common.Run(args, 'acgan')
+    images = run.load_images()
+    labels, label_args = run.load_labels()
+    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, **label_args)
+    G = run.prepare(Generator(**model_args))
+    D = run.prepare(Discriminator(args.ndf, G.n_classes))
+    G.apply(init_weights)
+    D.apply(init_weights)
+    betas = (args.beta1, args.beta2)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=betas, foreach=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, foreach=True)
+    fixed = sample_inputs(model_args, 64, 'cpu', torch.Generator().manual_seed(args.seed))
+    run.setup({'G': G, 'D': D}, {'G': opt_g, 'D': opt_d}, model_args, tuple(t.to(run.device) for t in fixed), sample_inputs)
+
+    B = args.batch_size // run.world
+    for step, real, y_real in run.batches(images, labels):
+        z, y_fake = sample_inputs(model_args, B, run.device)
+
+        # (1) update D: maximize log D(x) + log(1 - D(G(z, y))) and classify real and fake faces by their labels
+        with run.autocast():
+            fake = G(z, y_fake)
+            real_logits, real_cls = D(real)
+            fake_logits, fake_cls = D(fake.detach())
+        loss_d = (d_adv_loss(real_logits.float(), fake_logits.float(), args.real_label, args.fake_label)
+                  + args.cls_weight * (cls_loss(real_cls, y_real) + cls_loss(fake_cls, y_fake)))
+        opt_d.zero_grad(set_to_none=True)
+        run.backward(loss_d, 'D')
+        run.step('D')
+
+        # (2) update G: maximize log D(G(z, y)) and make D read y in G(z, y)
+        D.requires_grad_(False)
+        with run.autocast():
+            gen_logits, gen_cls = D(fake)
+        loss_g = g_adv_loss(gen_logits.float(), args.real_label) + args.cls_weight * cls_loss(gen_cls, y_fake)
+        opt_g.zero_grad(set_to_none=True)
+        run.backward(loss_g, 'G')
+        run.step('G')
+        D.requires_grad_(True)
+
+        run.track(loss_d=loss_d, loss_g=loss_g, d_real=torch.sigmoid(real_logits.float()).mean(),
+                  d_fake=torch.sigmoid(fake_logits.float()).mean(),
+                  acc_real=accuracy(real_cls, y_real), acc_fake=accuracy(gen_cls, y_fake))
+    run.finish()
+    if run.main and args.control_n:
+        control = control_accuracy(G, D, model_args, args.control_n, run.device, args.seed + 3)
+        run.write_json('control.json', {'step': run.global_step, 'n': args.control_n, 'd_heads_on_generated': control})
+        run.log('control (D\'s heads read the asked-for class on generated faces): '
+                + ', '.join(f'{a} {v:.1%}' for a, v in control.items()))
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.sample:
+        return common.sample_main(args, sample_inputs)
+    train(args)
+
+
+if __name__ == '__main__':
+    common.main_guard(main)

@@ -1,0 +1,235 @@
+"""WACGAN-GP: the ACGAN of acgan.py trained as a Wasserstein GAN with gradient penalty.
+
+Gulrajani et al., "Improved Training of Wasserstein GANs", 2017 (https://arxiv.org/abs/1704.00028), with
+the auxiliary classifier of Odena et al., 2017 (https://arxiv.org/abs/1610.09585). The critic has no
+sigmoid and no BatchNorm (the penalty is per sample, and BatchNorm would couple the samples of a batch);
+it gives an unbounded score plus one classifier head per attribute. The critic takes --n-critic steps
+per G step; its loss is E[D(fake)] - E[D(real)] + lambda * E[(||grad D(x_hat)||_2 - 1)^2] on points x_hat
+drawn uniformly between pairs of real and fake faces (one mixing coefficient per sample), with lambda = 10
+and Adam 1e-4, betas (0.5, 0.9) as in the paper.
+
+    python wacgan_gp.py --data faces/ --labels labels.csv --epochs 50
+    python wacgan_gp.py --out runs/wacgan_gp --resume
+    python wacgan_gp.py --sample 64 --ckpt runs/wacgan_gp/ckpt.pt --attr hair=blonde --attr eyes=blue
+
+An epoch is one pass of real faces through the critic, so G takes 1 / --n-critic steps per batch. The run
+writes attr_<name>.png and control.json as acgan.py does.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def get_args(argv=None):
+    p = common.base_parser('wacgan_gp', __doc__, epochs=50, batch_size=64)
+    common.add_label_args(p)
+    p.add_argument('--z-dim', type=int, default=100, help='latent size (default: %(default)s)')
+    p.add_argument('--ngf', type=int, default=64, help='G width: channels of its last hidden layer (default: %(default)s)')
+    p.add_argument('--ndf', type=int, default=64, help='critic width: channels of its first layer (default: %(default)s)')
+    p.add_argument('--lr-g', type=float, default=1e-4, help='Adam learning rate of G (default: %(default)s)')
+    p.add_argument('--lr-d', type=float, default=1e-4, help='Adam learning rate of the critic (default: %(default)s)')
+    p.add_argument('--beta1', type=float, default=0.5, help='Adam beta1; the paper also uses 0.0 (default: %(default)s)')
+    p.add_argument('--beta2', type=float, default=0.9, help='Adam beta2 (default: %(default)s)')
+    p.add_argument('--n-critic', type=int, default=5, help='critic steps per G step (default: %(default)s)')
+    p.add_argument('--gp-weight', type=float, default=10.0, help='lambda of the gradient penalty (default: %(default)s)')
+    p.add_argument('--cls-weight', type=float, default=1.0, help='weight of the classification losses (default: %(default)s)')
+    p.add_argument('--control-n', type=int, default=2000,
+                   help='generated faces on which control.json measures the critic\'s heads at the end (default: %(default)s)')
+    args = common.parse_args(p, argv)
+    if args.n_critic < 1:
+        p.error(f'--n-critic must be >= 1, got {args.n_critic}')
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+class Generator(nn.Module):
+    """DCGAN generator whose input is z concatenated with the one-hot class of every attribute.
+
+    vocab: attribute -> class names (from the labels CSV); label_prior: the data's label combinations and
+    their counts, unused by the network but kept with its arguments so sampling needs no CSV."""
+
+    def __init__(self, z_dim=100, ngf=64, vocab=None, label_prior=None, nc=3):
+        super().__init__()
+        self.z_dim, self.n_classes = z_dim, [len(v) for v in vocab.values()]
+        block = lambda cin, cout: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(z_dim + sum(self.n_classes), ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
+            *block(ngf * 8, ngf * 4),                           # (ngf*8) x 4 x 4 -> (ngf*4) x 8 x 8
+            *block(ngf * 4, ngf * 2),                           # -> (ngf*2) x 16 x 16
+            *block(ngf * 2, ngf),                               # -> ngf x 32 x 32
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1), nn.Tanh(),    # -> nc x 64 x 64, in [-1, 1]
+        )
+
+    def forward(self, z, y):                                    # z: (B, z_dim), y: (B, attributes) class indices
+        onehot = [F.one_hot(y[:, i], n).to(z.dtype) for i, n in enumerate(self.n_classes)]
+        return self.net(torch.cat([z, *onehot], 1)[:, :, None, None])
+
+
+class Critic(nn.Module):
+    """Strided-conv critic without normalisation: a Wasserstein score (no sigmoid) and, per attribute,
+    class logits."""
+
+    def __init__(self, ndf=64, n_classes=(2,), nc=3):
+        super().__init__()
+        self.n_classes = list(n_classes)
+        block = lambda cin, cout: [nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        self.features = nn.Sequential(
+            *block(nc, ndf),                                        # nc x 64 x 64 -> ndf x 32 x 32
+            *block(ndf, ndf * 2),                                   # -> (ndf*2) x 16 x 16
+            *block(ndf * 2, ndf * 4),                               # -> (ndf*4) x 8 x 8
+            *block(ndf * 4, ndf * 8),                               # -> (ndf*8) x 4 x 4
+        )
+        self.score = nn.Conv2d(ndf * 8, 1, 4, 1, 0)                 # -> 1 x 1 x 1: the critic's value
+        self.cls = nn.Conv2d(ndf * 8, sum(self.n_classes), 4, 1, 0)  # -> all attributes' class logits
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.score(h).flatten(), self.cls(h).flatten(1).split(self.n_classes, dim=1)
+
+
+def init_weights(m):
+    """N(0, 0.02) convolutions as in DCGAN; BatchNorm (in G only) scale from N(1, 0.02)."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def sample_inputs(model_args, n, device, generator=None, attrs=None):
+    """What G(*inputs) needs for n images: z ~ N(0, I) and labels drawn from the data's label
+    distribution; attrs ({'hair': 'blonde'}) fixes some attributes, the rest follow the data given them."""
+    z = torch.randn(n, model_args['z_dim'], device=device, generator=generator)
+    return z, common.draw_labels(model_args, n, device, generator, attrs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses
+
+def critic_loss(real_score, fake_score):
+    """The critic maximises E[D(real)] - E[D(fake)], an estimate of the Wasserstein-1 distance."""
+    return fake_score.mean() - real_score.mean()
+
+
+def g_wgan_loss(fake_score):
+    """G raises the critic's score of its fakes."""
+    return -fake_score.mean()
+
+
+def interpolates(real, fake):
+    """Points drawn uniformly on the segments between real and fake faces: one coefficient per sample,
+    alpha of shape (B, 1, 1, 1), broadcast over channels and pixels."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    return alpha * real + (1 - alpha) * fake
+
+
+def gradient_penalty(critic, x):
+    """E[(||grad_x D(x)||_2 - 1)^2], the norm taken over each sample's whole gradient (C*H*W values,
+    not per channel), in fp32; create_graph so the penalty itself can be differentiated."""
+    x = x.detach().float().requires_grad_(True)
+    score = critic(x)[0]
+    grad, = torch.autograd.grad(score.sum(), x, create_graph=True)
+    return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+
+
+def cls_loss(logits, y):
+    """Sum over attributes of the mean cross-entropy of the class logits; unknown labels (-1) are left out
+    (and a batch with none known for an attribute adds 0, not NaN)."""
+    loss = 0.0
+    for i, lg in enumerate(logits):
+        known = y[:, i] >= 0
+        ce = F.cross_entropy(lg.float(), y[:, i].clamp(min=0), reduction='none')
+        loss = loss + (ce * known).sum() / known.sum().clamp(min=1)
+    return loss
+
+
+def accuracy(logits, y):
+    """Mean over attributes of the share of known labels that the heads' argmax gets right."""
+    acc = [((lg.argmax(1) == y[:, i]) & (y[:, i] >= 0)).sum() / (y[:, i] >= 0).sum().clamp(min=1)
+           for i, lg in enumerate(logits)]
+    return torch.stack(acc).float().mean()
+
+
+@torch.no_grad()
+def control_accuracy(G, D, model_args, n, device, seed):
+    """Per attribute, how often the critic's classifier head reads a generated face as the class asked for."""
+    hits = torch.zeros(len(model_args['vocab']))
+    for x, (_, y) in common.sample_batches(G, sample_inputs, model_args, n, device, seed, with_inputs=True):
+        _, logits = D(x.to(device))
+        hits += torch.stack([(lg.argmax(1).cpu() == y[:, i]).sum() for i, lg in enumerate(logits)]).float()
+    return {a: round(h.item() / n, 4) for a, h in zip(model_args['vocab'], hits)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+def train(args):
+    if args.image_size != 64:
+        common.fail('wacgan_gp.py builds 64x64 models; use --image-size 64')
+    run = common.Run(args, 'wacgan_gp')
+    images = run.load_images()
+    labels, label_args = run.load_labels()
+    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, **label_args)
+    G = run.prepare(Generator(**model_args))
+    D = run.prepare(Critic(args.ndf, G.n_classes))
+    G.apply(init_weights)
+    D.apply(init_weights)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), foreach=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), foreach=True)
+    fixed = sample_inputs(model_args, 64, 'cpu', torch.Generator().manual_seed(args.seed))
+    run.setup({'G': G, 'D': D}, {'G': opt_g, 'D': opt_d}, model_args, tuple(t.to(run.device) for t in fixed), sample_inputs)
+
+    B = args.batch_size // run.world
+    loss_g = acc_gen = torch.zeros((), device=run.device)   # reported between G steps
+    for step, real, y_real in run.batches(images, labels):
+        z, y_fake = sample_inputs(model_args, B, run.device)
+
+        # (1) update the critic: maximize D(real) - D(fake) under the gradient penalty, and classify
+        with run.autocast():
+            fake = G(z, y_fake).detach()
+            real_score, real_cls = D(real)
+            fake_score, fake_cls = D(fake)
+        gp = gradient_penalty(D, interpolates(real, fake.float()))   # fp32: a penalty is a sensitive quantity
+        loss_d = (critic_loss(real_score.float(), fake_score.float()) + args.gp_weight * gp
+                  + args.cls_weight * (cls_loss(real_cls, y_real) + cls_loss(fake_cls, y_fake)))
+        opt_d.zero_grad(set_to_none=True)
+        run.backward(loss_d, 'D')
+        run.step('D')
+
+        # (2) every --n-critic steps, update G: raise D(G(z, y)) and make the critic read y in G(z, y)
+        if step % args.n_critic == args.n_critic - 1:
+            D.requires_grad_(False)
+            with run.autocast():
+                gen_score, gen_cls = D(G(z, y_fake))
+            loss_g = g_wgan_loss(gen_score.float()) + args.cls_weight * cls_loss(gen_cls, y_fake)
+            opt_g.zero_grad(set_to_none=True)
+            run.backward(loss_g, 'G')
+            run.step('G')
+            D.requires_grad_(True)
+            acc_gen = accuracy(gen_cls, y_fake)
+
+        run.track(loss_d=loss_d, loss_g=loss_g, w_dist=real_score.float().mean() - fake_score.float().mean(), gp=gp,
+                  acc_real=accuracy(real_cls, y_real), acc_fake=acc_gen)
+    run.finish()
+    if run.main and args.control_n:
+        control = control_accuracy(G, D, model_args, args.control_n, run.device, args.seed + 3)
+        run.write_json('control.json', {'step': run.global_step, 'n': args.control_n, 'd_heads_on_generated': control})
+        run.log('control (the critic\'s heads read the asked-for class on generated faces): '
+                + ', '.join(f'{a} {v:.1%}' for a, v in control.items()))
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.sample:
+        return common.sample_main(args, sample_inputs)
+    train(args)
+
+
+if __name__ == '__main__':
+    common.main_guard(main)
