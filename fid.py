@@ -19,6 +19,7 @@ ImageNet Inception-v3 weights and preprocessing instead: a different network, so
 comparable only with each other.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -43,6 +44,7 @@ WEIGHT_CANDIDATES = [
     os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(FID_WEIGHTS_URL)),
     os.path.join(common.HERE, '..', 'shared', 'weights', 'pt_inception-2015-12-05-nofc.pth'),
 ]
+MIN_HELDOUT = 20   # the 1st percentile of fewer held-out distances is just their minimum
 MIN_FID_N = 2048   # below the feature dimension the covariance is singular and FID strongly biased
 
 
@@ -201,6 +203,64 @@ def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Precision, recall, novelty: nearest neighbours in pool3 (or pixel) space, block by block
+
+def nearest(a, b, k=1, chunk=1024):
+    """For each row of a, its k nearest rows of b (Euclidean) -> (distances (len(a), k), indices).
+    Blocks of `chunk` x `chunk` rows go through torch.cdist and a running top-k, so memory stays bounded
+    (10k generated against 19k training faces takes seconds). Rows may be uint8 images: each block is
+    flattened and converted to float on the fly."""
+    flat = lambda t: torch.as_tensor(t).flatten(1)
+    a, b = flat(a), flat(b)
+    dists, idx = [], []
+    for i in range(0, len(a), chunk):
+        qa = a[i:i + chunk].float()
+        best_d = torch.full((len(qa), 0), float('inf'))
+        best_i = torch.zeros((len(qa), 0), dtype=torch.long)
+        for j in range(0, len(b), chunk):
+            d = torch.cdist(qa, b[j:j + chunk].float())
+            d, jj = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+            best_d, order = torch.cat([best_d, d], 1).topk(min(k, best_d.shape[1] + d.shape[1]), dim=1, largest=False)
+            best_i = torch.cat([best_i, jj + j], 1).gather(1, order)
+        dists.append(best_d)
+        idx.append(best_i)
+    return torch.cat(dists), torch.cat(idx)
+
+
+def precision_recall(real, fake, k=3, chunk=1024):
+    """Improved precision and recall (Kynkaanniemi et al. 2019, https://arxiv.org/abs/1904.06991). Each
+    real feature is the centre of a ball reaching its k-th nearest real neighbour; precision is the share
+    of fakes inside some real ball (quality), recall the share of reals inside some fake ball, built the
+    same way from the fakes (coverage)."""
+    real, fake = torch.as_tensor(np.asarray(real)).float(), torch.as_tensor(np.asarray(fake)).float()
+
+    def inside_any(points, centres):
+        radii = nearest(centres, centres, k + 1, chunk)[0][:, k]   # the 0th neighbour is the point itself
+        hits = [(torch.cdist(points[i:i + chunk], centres) <= radii).any(1) for i in range(0, len(points), chunk)]
+        return torch.cat(hits).float().mean().item()
+
+    return inside_any(fake, real), inside_any(real, fake)
+
+
+def novelty(gen, train, heldout, chunk=1024):
+    """Are generated faces new? Nearest-training-face distances of generated faces against those of real
+    faces never trained on. ratio = median(gen -> train) / median(held-out -> train): about 1 means as new
+    as real faces, far below 1 means copies. memorized = share of generated faces closer to a training face
+    than the 1st percentile of held-out -> train distances."""
+    d_gen = nearest(gen, train, 1, chunk)[0][:, 0]
+    d_held = nearest(heldout, train, 1, chunk)[0][:, 0]
+    return {'ratio': (d_gen.median() / d_held.median()).item(),
+            'memorized': (d_gen < torch.quantile(d_held, 0.01)).float().mean().item()}
+
+
+def nearest_grid(gen, train, idx, path, rows=16):
+    """Each row: a generated face, then its nearest training faces in order (uint8 images)."""
+    k = idx.shape[1]
+    x = torch.cat([torch.cat([gen[i:i + 1], train[idx[i]]]) for i in range(min(rows, len(gen)))])
+    common.save_grid(x.float() / 127.5 - 1, path, nrow=k + 1)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Inputs: folders, zips, data caches, checkpoints, .npz statistics
 
 @torch.inference_mode()
@@ -225,13 +285,16 @@ def as_uint8(x):
     return torch.from_numpy(common.to_uint8(x)).permute(0, 3, 1, 2)
 
 
-def checkpoint_batches(ckpt, n, batch_size, device, seed, save_dir=None):
+def checkpoint_batches(ckpt, n, batch_size, device, seed, save_dir=None, keep=None):
+    """uint8 batches of n samples of a checkpoint's generator; appended to `keep` (a list) if given."""
     G, module = common.load_generator(ckpt, device)
     i = 0
     for x in common.sample_batches(G, module.sample_inputs, ckpt['model_args'], n, device, seed, batch_size):
         if save_dir:
             common.save_pngs(x, save_dir, start=i)
             i += len(x)
+        if keep is not None:
+            keep.append(as_uint8(x))
         yield as_uint8(x)
 
 
@@ -244,8 +307,9 @@ def is_checkpoint(path):
     return isinstance(obj, dict) and 'format' in obj
 
 
-def features_of(src, extractor, args, log=print):
-    """-> (features or None, mu, sigma, n) for any supported input."""
+def features_of(src, extractor, args, log=print, images_out=None):
+    """-> (features or None, mu, sigma, n) for any supported input. images_out (a dict) receives the uint8
+    images and their names, for the pixel-space and nearest-neighbour measures."""
     if src.endswith('.npz'):
         try:
             z = np.load(src)
@@ -257,20 +321,36 @@ def features_of(src, extractor, args, log=print):
             common.fail(f'{src} holds --inception {z["inception"]} statistics; rerun with that, or recompute the .npz')
         return feats, mu, sigma, int(z['n']) if 'n' in z.files else None
     ckpt = common.load_checkpoint(src) if src.endswith('.pt') and is_checkpoint(src) else None
+    kept, cache = [], None
     if ckpt:
-        batches = checkpoint_batches(ckpt, args.n, args.batch_size, args.device, args.seed, args.save_samples)
-        n = args.n
+        batches = checkpoint_batches(ckpt, args.n, args.batch_size, args.device, args.seed, args.save_samples, kept)
+        n, names = args.n, [f'{i:06d}' for i in range(args.n)]
     else:
-        images, _ = common.load_images(src, size=args.image_size, log=log)
+        images, names = common.load_images(src, size=args.image_size, log=log)
         if args.limit:
-            images = images[:args.limit]
+            images, names = images[:args.limit], names[:args.limit]
         batches, n = uint8_batches(images, args.batch_size), len(images)
+        kept = [images]
+        if args.cache:   # features of a fixed image set, keyed by what they depend on
+            import hashlib
+            key = hashlib.sha1(repr((os.path.abspath(src), names, tuple(images.shape), extractor.kind)).encode()).hexdigest()[:16]
+            cache = os.path.join(args.cache, f'features-{key}.npy')
     if n < 2:
         common.fail(f'{src}: {n} image(s); FID and KID need at least 2 (and {MIN_FID_N}+ for an unbiased FID)')
     if n < MIN_FID_N and not args.allow_small:
         common.fail(f'{src}: only {n} images; FID is biased below {MIN_FID_N} (the feature size), so it is '
                     f'not comparable with published numbers. Pass --allow-small to compute it anyway')
-    feats = extract(extractor, batches, n, args.device, log, os.path.basename(src.rstrip('/')))
+    if cache and os.path.exists(cache):
+        feats = np.load(cache)
+        log(f'  {src}: features of {n} images from the cache {cache}')
+    else:
+        feats = extract(extractor, batches, n, args.device, log, os.path.basename(src.rstrip('/')))
+        if cache:
+            os.makedirs(args.cache, exist_ok=True)
+            np.save(cache + '.tmp.npy', feats)
+            os.replace(cache + '.tmp.npy', cache)
+    if images_out is not None:
+        images_out.update(images=kept[0] if len(kept) == 1 else torch.cat(kept), names=names)
     return (feats, *statistics(feats), n)
 
 
@@ -303,9 +383,27 @@ def main(argv=None):
     p.add_argument('--allow-small', action='store_true', help=f'allow fewer than {MIN_FID_N} images (FID is biased there)')
     p.add_argument('--kid-subsets', type=int, default=100, help='KID: random subsets averaged (default: %(default)s)')
     p.add_argument('--kid-subset-size', type=int, default=1000, help='KID: images per subset (default: %(default)s)')
+    p.add_argument('--pr-k', type=int, default=3,
+                   help='k of improved precision/recall, computed whenever both sides have features (default: %(default)s)')
+    p.add_argument('--novelty', action='store_true', help='are A\'s faces new? nearest training faces (B, as images) of '
+                   'A\'s faces against those of held-out real faces, in pool3 and pixel space')
+    p.add_argument('--heldout', metavar='DIR', help='real faces never trained on, for --novelty '
+                   '(default: the last --heldout-frac of B by file name, then left out of the training side)')
+    p.add_argument('--heldout-frac', type=float, default=0.05, help='(default: %(default)s)')
+    p.add_argument('--nearest', type=int, default=0, metavar='K',
+                   help='with --out: grids of generated faces each followed by its K nearest training faces; implies --novelty')
+    p.add_argument('--out', metavar='DIR', help='write metrics.json (and the --nearest grids) here')
+    p.add_argument('--cache', metavar='DIR', help='cache the features of image inputs here, reused while the images are the same')
     args = p.parse_args(argv)
     if not args.save_stats and not args.b:
         p.error('give two inputs to compare, or one with --save-stats OUT.npz')
+    args.novelty = args.novelty or args.nearest > 0
+    if args.nearest and not args.out:
+        p.error('--nearest K writes grids: give --out DIR')
+    if args.novelty and any(x.endswith('.npz') for x in (args.a, args.b or '')):
+        p.error('--novelty and --nearest compare images: give A and B as checkpoints, folders, .zip or data .pt, not .npz')
+    if not 0 < args.heldout_frac < 1 or args.pr_k < 1 or args.nearest < 0:
+        p.error('--heldout-frac must be in (0, 1), --pr-k >= 1 and --nearest >= 0')
     args.device = common.pick_device(args.device)
     if args.device.type == 'cpu':
         torch.set_num_threads(common.physical_cores())
@@ -314,20 +412,67 @@ def main(argv=None):
             common.fail(f'{src}: no such file or folder')
     extractor = Extractor(args.inception, args.weights).to(args.device)
     t0 = time.time()
-    fa, mua, sa, na = features_of(args.a, extractor, args)
+    ima, imb = {}, {}
+    fa, mua, sa, na = features_of(args.a, extractor, args, images_out=ima if args.novelty else None)
     if args.save_stats:
         save_stats(args.save_stats, fa, mua, sa, args.inception)
         print(f'wrote {args.save_stats}: statistics of {na} images ({args.inception} Inception) in {time.time() - t0:.0f}s')
         return None
-    fb, mub, sb, nb = (fa, mua, sa, na) if args.b == args.a else features_of(args.b, extractor, args)
+    if args.b == args.a:
+        fb, mub, sb, nb, imb = fa, mua, sa, na, ima
+    else:
+        fb, mub, sb, nb = features_of(args.b, extractor, args, images_out=imb if args.novelty else None)
     fid = frechet_distance(mua, sa, mub, sb)
+    result = {'fid': fid, 'n': [na, nb], 'inception': args.inception, 'a': args.a, 'b': args.b}
     line = f'FID {fid:.2f}'
     if fa is not None and fb is not None:
         k, ks = kid(fa, fb, args.kid_subsets, args.kid_subset_size, args.seed)
-        line += f'  KID {k * 1000:.2f} +- {ks * 1000:.2f} (x1e-3)'
+        m = min(len(fa), len(fb))   # the same N on both sides: k-NN radii shrink as N grows
+        rng = np.random.default_rng(args.seed)
+        pr, rc = precision_recall(fb[rng.permutation(len(fb))[:m]], fa[rng.permutation(len(fa))[:m]], args.pr_k)
+        result.update(kid=k, kid_std=ks, precision=pr, recall=rc, pr_k=args.pr_k, pr_n=m)
+        line += f'  KID {k * 1000:.2f} +- {ks * 1000:.2f} (x1e-3)  precision {pr:.3f} recall {rc:.3f} (k={args.pr_k}, N={m})'
     print(f'{line}  | N = {na or "?"} vs {nb or "?"}, inception {args.inception}, pool3 2048-d, '
           f'input resized bilinear to 299, {time.time() - t0:.0f}s')
-    return fid
+    if args.novelty:
+        result.update(novelty_report(args, extractor, fa, ima['images'], fb, imb))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def novelty_report(args, extractor, gen_feats, gen_images, real_feats, real):
+    """Split B into training and held-out faces, then novelty in pool3 and pixel space, and the grids."""
+    if args.heldout:
+        held = {}
+        held_feats = features_of(args.heldout, extractor, args, images_out=held)[0]
+        train_feats, train_images, held_images = real_feats, real['images'], held['images']
+        where = f'{args.heldout} ({len(held_images)} faces)'
+    else:   # the last faces by file name; they leave the training side so that none is its own neighbour
+        order = np.argsort(np.array(real['names'], dtype=object), kind='stable')
+        n_held = int(len(order) * args.heldout_frac)
+        train_idx, held_idx = np.sort(order[:len(order) - n_held]), np.sort(order[len(order) - n_held:])
+        train_feats, held_feats = real_feats[train_idx], real_feats[held_idx]
+        train_images, held_images = real['images'][train_idx], real['images'][held_idx]
+        where = f'the last {args.heldout_frac:.0%} of {args.b} by file name ({n_held} faces)'
+    if len(held_images) < MIN_HELDOUT:
+        common.fail(f'held-out split {where} is too small for --novelty (need >= {MIN_HELDOUT}): raise '
+                    f'--heldout-frac or pass --heldout DIR with more real faces never trained on')
+    pool = novelty(gen_feats, train_feats, held_feats)
+    pixel = novelty(gen_images, train_images, held_images)
+    print(f'novelty vs {len(train_images)} training faces, held out: {where}\n'
+          f'  pool3: median NN distance ratio {pool["ratio"]:.3f}, memorized {pool["memorized"]:.1%}\n'
+          f'  pixel: median NN distance ratio {pixel["ratio"]:.3f}, memorized {pixel["memorized"]:.1%}'
+          f'  (ratio ~1: as new as real faces; << 1: copies)')
+    if args.nearest:
+        for space, (g, t) in {'pool3': (gen_feats, train_feats), 'pixel': (gen_images, train_images)}.items():
+            idx = nearest(g[:16], t, args.nearest)[1]
+            nearest_grid(gen_images, train_images, idx, os.path.join(args.out, f'nearest_{space}.png'))
+        print(f'wrote {args.out}/nearest_pool3.png and nearest_pixel.png: each generated face, then its '
+              f'{args.nearest} nearest training faces')
+    return {'novelty_pool3': pool, 'novelty_pixel': pixel, 'heldout': where, 'n_train': len(train_images)}
 
 
 if __name__ == '__main__':

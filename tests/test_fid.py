@@ -1,9 +1,11 @@
 """fid.py: the Frechet distance, KID, the FID Inception against pytorch-fid, inputs and errors."""
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import linalg
 
 import common
@@ -110,7 +112,7 @@ def test_folder_against_itself_cache_roundtrip_and_kid(tmp_path, capsys, extract
     assert z['mu'].dtype == np.float64 and int(z['n']) == 24 and str(z['inception']) == 'fid'
     assert np.allclose(z['mu'], mu, atol=1e-5) and np.allclose(z['sigma'], sigma, atol=1e-5)
     assert z['features'].shape == (24, 2048)
-    assert abs(fid.main([stats, FACES, *a])) < 0.05          # the same images, cached vs. fresh: ~0
+    assert abs(fid.main([stats, FACES, *a])['fid']) < 0.05          # the same images, cached vs. fresh: ~0
     out = capsys.readouterr().out
     assert 'KID' in out and 'N = 24 vs 24' in out and 'img/s' in out
     # pytorch-fid's own .npz (mu and sigma only) is accepted; KID then has no features to use
@@ -134,7 +136,7 @@ def test_fid_during_training_and_checkpoint_input(faces, tmp_path, monkeypatch):
     before = sorted(os.listdir(tmp_path / 'run'))
     ckpt = str(tmp_path / 'run' / 'ckpt.pt')
     a = ['--weights', WEIGHTS, '--allow-small', '--n', '10', '--device', 'cpu', '--limit', '10']
-    assert fid.main([ckpt, faces, *a, '--save-samples', str(tmp_path / 's')]) > 50
+    assert fid.main([ckpt, faces, *a, '--save-samples', str(tmp_path / 's')])['fid'] > 50
     assert sorted(os.listdir(tmp_path / 'run')) == before and len(os.listdir(tmp_path / 's')) == 10
 
 
@@ -167,3 +169,64 @@ def test_torchvision_extractor_offline(tmp_path):
     with torch.inference_mode():
         f = ex(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
     assert f.shape == (2, 2048) and torch.isfinite(f).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision / recall, novelty, nearest neighbours (issue: new faces, not copies)
+
+def test_chunked_nearest_equals_cdist():
+    torch.manual_seed(0)
+    a, b = torch.randn(30, 5), torch.randn(50, 5)
+    d, i = fid.nearest(a, b, 3, chunk=7)   # blocks of 7 x 7 and a running top-k
+    want_d, want_i = torch.cdist(a, b).topk(3, dim=1, largest=False)
+    assert torch.allclose(d, want_d, atol=1e-5) and torch.equal(i, want_i)
+    # uint8 images are flattened: the pixel-space distance
+    x = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
+    d, i = fid.nearest(x[:2], x, 1, chunk=4)
+    assert torch.equal(i[:, 0], torch.tensor([0, 1])) and d.abs().max() < 1e-3
+
+
+def test_precision_recall():
+    torch.manual_seed(0)
+    real, same = torch.randn(500, 16), torch.randn(500, 16)
+    p, r = fid.precision_recall(real, same, k=3)
+    assert p > 0.7 and r > 0.7                           # two samples of one distribution
+    assert fid.precision_recall(real, same + 100) == (0.0, 0.0)   # far apart
+    p, r = fid.precision_recall(real, same * 0.3)        # a collapsed generator: good faces, no variety
+    assert p > 0.95 and r < 0.1
+
+
+def test_novelty_flags_copies():
+    torch.manual_seed(0)
+    train, heldout = torch.randn(400, 8), torch.randn(100, 8)
+    copies = fid.novelty(train[:200] + 1e-4 * torch.randn(200, 8), train, heldout)
+    assert copies['memorized'] > 0.99 and copies['ratio'] < 0.01
+    new = fid.novelty(torch.randn(200, 8), train, heldout)
+    assert 0.8 < new['ratio'] < 1.25 and new['memorized'] < 0.05
+
+
+@needs_weights
+def test_nearest_cli_on_a_copying_generator(tmp_path):
+    """A 'generator' whose faces are training faces: memorized ~100% in pixel space, and the grid shows each
+    face next to its identical training face."""
+    import shutil
+    gen = tmp_path / 'gen'
+    gen.mkdir()
+    names = sorted(os.listdir(FACES))
+    for n in names[:24]:                                 # inside the training part of the first 120 faces
+        shutil.copy(os.path.join(FACES, n), gen / n)
+    out = tmp_path / 'nn'
+    a = ['--weights', WEIGHTS, '--allow-small', '--device', 'cpu', '--limit', '120', '--cache', str(tmp_path / 'cache')]
+    res = fid.main([str(gen), FACES, *a, '--heldout-frac', '0.2', '--nearest', '2', '--out', str(out)])
+    assert res['novelty_pixel']['memorized'] == 1.0 and res['novelty_pixel']['ratio'] < 0.01
+    assert res['novelty_pool3']['memorized'] > 0.9 and res['n_train'] == 96 and 0 <= res['precision'] <= 1
+    assert json.load(open(out / 'metrics.json'))['novelty_pixel']['memorized'] == 1.0
+    grid = np.asarray(Image.open(out / 'nearest_pixel.png'))
+    assert grid.shape == (2 + 66 * 16, 2 + 66 * 3, 3)
+    first, neighbour = grid[2:66, 2:66], grid[2:66, 68:132]
+    assert np.array_equal(first, neighbour)
+    assert os.path.exists(out / 'nearest_pool3.png') and len(os.listdir(tmp_path / 'cache')) == 2
+    with pytest.raises(UserError, match='held-out split .* too small'):
+        fid.main([str(gen), FACES, *a, '--heldout-frac', '0.05', '--novelty'])
+    with pytest.raises(SystemExit):
+        fid.main([str(gen), FACES, *a, '--nearest', '2'])   # grids need --out
