@@ -287,6 +287,10 @@ def score(args):
         images, _ = common.load_images(args.gen, 64)
     probs = predict_probs(model, images)
     result['n'] = len(images)
+    if args.real:   # the same classifier on real faces: the shares a generator should match (e.g. male share)
+        real_probs = predict_probs(model, common.load_images(args.real, 64)[0])
+        result['real_shares'] = {a: {v: (real_probs[i].argmax(1) == c).float().mean().item() for c, v in enumerate(vocab[a])}
+                                 for i, a in enumerate(vocab)}
     for i, a in enumerate(vocab):
         pred = probs[i].argmax(1)
         result['shares'][a] = {v: (pred == c).float().mean().item() for c, v in enumerate(vocab[a])}
@@ -300,8 +304,10 @@ def score(args):
             want = torch.tensor([vocab[a].index(v) if v in vocab[a] else -1 for v in gen_vocab[a]])[labels[:, j]]
             got = probs[list(vocab).index(a)].argmax(1)
             result['asked_equals_got'][a] = ((got == want) & (want >= 0)).sum().item() / max(1, (want >= 0).sum().item())
+    real = result.get('real_shares')
     for a, s in result['shares'].items():
-        print(f'{a}: ' + ', '.join(f'{v} {p:.1%}' for v, p in sorted(s.items(), key=lambda kv: -kv[1])))
+        print(f'{a}: ' + ', '.join(f'{v} {p:.1%}' + (f' (real {real[a][v]:.1%})' if real else '')
+                                   for v, p in sorted(s.items(), key=lambda kv: -kv[1])))
     for a, r in result['asked'].items():
         print(f'asked {a}={r["value"]}: got it in {r["hit_rate"]:.1%} of {len(images)} faces')
     if 'asked_equals_got' in result:
@@ -340,6 +346,8 @@ def get_args(argv=None):
     s.add_argument('--ckpt', required=True, help='label.py checkpoint')
     s.add_argument('--gen', required=True, help='generator checkpoint of any script here, or a folder of images')
     s.add_argument('--attr', action='append', metavar='K=V', help='the attribute the images were asked to have')
+    s.add_argument('--real', metavar='DATA', help='real faces (e.g. the training data) whose attribute shares '
+                   'are printed beside the generated ones, e.g. the male share')
     s.add_argument('--n', type=int, default=1000, help='images to sample from a checkpoint (default: %(default)s)')
     s.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
     args = p.parse_args(argv)

@@ -65,6 +65,9 @@ def test_train_predict_score(toy, tmp_path, capsys):
         Image.fromarray(np.full((64, 64, 3), COLOURS['red'], np.uint8)).save(red / f'{i}.png')
     res = label.main(['score', '--ckpt', str(out / 'ckpt.pt'), '--gen', str(red), '--attr', 'colour=red'])
     assert res['asked']['colour'] == {'value': 'red', 'hit_rate': 1.0} and res['shares']['colour']['red'] == 1.0
+    # the real data's shares beside the generated ones (as for the male share of a generator)
+    res = label.main(['score', '--ckpt', str(out / 'ckpt.pt'), '--gen', str(red), '--real', data])
+    assert res['real_shares']['colour'] == pytest.approx({v: 1 / 3 for v in ('blue', 'green', 'red')})
     with pytest.raises(UserError, match="unknown colour 'pink'; known: blue|green|red"):
         label.main(['score', '--ckpt', str(out / 'ckpt.pt'), '--gen', str(red), '--attr', 'colour=pink'])
     with pytest.raises(UserError, match="unknown attribute 'hair'; known: colour, size"):
