@@ -604,13 +604,16 @@ def write_samples(G, sample_inputs, model_args, n, folder, device, seed):
         i += len(x)
 
 
-def sample_main(args, sample_inputs):
+def sample_main(args, sample_inputs, configure=None):
     """--sample N: rebuild G from the checkpoint alone, write the fixed-z grid it was trained with, a grid
-    of N new images and the N images as PNGs (with the same --seed, the images that training wrote to samples/)."""
+    of N new images and the N images as PNGs (with the same --seed, the images that training wrote to samples/).
+    configure(G), if given, adjusts the loaded generator first (e.g. stylegan.py's truncation psi)."""
     path = args.ckpt
     ckpt = load_checkpoint(path)
     device = pick_device(args.device)
     G, _ = load_generator(ckpt, device)
+    if configure:   # e.g. stylegan.py's truncation psi
+        configure(G)
     model_args = ckpt['model_args']
     conditional = 'vocab' in model_args
     if getattr(args, 'attr', None) and not conditional:
