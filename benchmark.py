@@ -2,6 +2,7 @@
 
     python benchmark.py                      # every model script vs. its textbook loop, fid.py vs. pytorch-fid
     python benchmark.py --only dcgan fid     # a subset
+    python benchmark.py --only stylegan      # stylegan.py's fast path (bf16, channels-last) vs its fp32 path
 
 Training: each model script runs as its users run it (its own main(), default model size and batch,
 in-memory data, its default precision), and its img/s is read from the run's losses.csv (the logging
@@ -35,7 +36,7 @@ def script_img_per_s(module, data, out, steps, extra=()):
     """Train `steps` steps with the script's own main(); median img/s of its logging intervals."""
     shutil.rmtree(out, ignore_errors=True)
     n = len(torch.load(data, weights_only=True)['files'])
-    spe = n // 64
+    spe = n // module.get_args(['--data', data, '--out', out, *extra]).batch_size
     epochs = max(1, -(-steps // spe))
     with contextlib.redirect_stdout(io.StringIO()):   # its progress lines; the numbers are in losses.csv
         module.main(['--data', data, '--out', out, '--epochs', str(epochs), '--log-every', '10', '--grid-every',
@@ -79,6 +80,61 @@ def textbook_img_per_s(module, folder, steps, batch=64, workers=2):
     return steps * batch / (time.time() - t0)
 
 
+def textbook_conditional_img_per_s(module, folder, labels_csv, steps, batch=64, workers=2):
+    """The same textbook data path for acgan.py / wacgan_gp.py: a Dataset that opens each image with PIL and
+    looks its labels up, DataLoader, fp32, loss.item() every step; the script's own models and losses."""
+    import torchvision.transforms as T
+    from PIL import Image
+    files = [os.path.relpath(f, folder) for f in common.list_images(folder)]
+    y, vocab = common.join_labels(labels_csv, files)
+    model_args = dict(z_dim=100, ngf=64, **common.label_model_args(y, vocab, labels_csv))
+    tf = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+
+    class Faces(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            return tf(Image.open(os.path.join(folder, files[i])).convert('RGB')), y[i]
+
+    loader = torch.utils.data.DataLoader(Faces(), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    G = module.Generator(**model_args)
+    D = (module.Critic if hasattr(module, 'Critic') else module.Discriminator)(64, G.n_classes)
+    G.apply(module.init_weights), D.apply(module.init_weights)
+    wgan = hasattr(module, 'Critic')
+    betas = (0.5, 0.9) if wgan else (0.5, 0.999)
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-4, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-4, betas=betas)
+    done, t0, warm = 0, None, 5
+    while done < steps + warm:
+        for real, y_real in loader:
+            if done == warm:
+                t0 = time.time()
+            z, y_fake = module.sample_inputs(model_args, batch, 'cpu')
+            fake = G(z, y_fake)
+            (rs, rc), (fs, fc) = D(real), D(fake.detach())
+            if wgan:
+                gp = module.gradient_penalty(D, module.interpolates(real, fake.detach()))
+                loss_d = module.critic_loss(rs, fs) + 10 * gp + module.cls_loss(rc, y_real) + module.cls_loss(fc, y_fake)
+            else:
+                loss_d = module.d_adv_loss(rs, fs, 0.9, 0.1) + module.cls_loss(rc, y_real) + module.cls_loss(fc, y_fake)
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            if not wgan or done % 5 == 4:
+                gs, gc = D(fake)
+                loss_g = (module.g_wgan_loss(gs) if wgan else module.g_adv_loss(gs, 0.9)) + module.cls_loss(gc, y_fake)
+                opt_g.zero_grad()
+                loss_g.backward()
+                opt_g.step()
+                loss_g.item()
+            loss_d.item()   # the textbook prints these every step
+            done += 1
+            if done >= steps + warm:
+                break
+    return steps * batch / (time.time() - t0)
+
+
 def step_gflop(module):
     """FLOPs of one default-size training step (forward + backward of D twice, G once), by torch's counter."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -92,7 +148,7 @@ def step_gflop(module):
     return fc.get_total_flops() / 1e9
 
 
-def bench_training(names, data_folder, steps, repeats):
+def bench_training(names, data_folder, steps, repeats, labels):
     work = tempfile.mkdtemp()
     images, files = common.load_images(data_folder, 64)
     cache = os.path.join(work, 'data.pt')
@@ -101,10 +157,24 @@ def bench_training(names, data_folder, steps, repeats):
         module = __import__(name)
         fast, slow = [], []
         for r in range(repeats):
-            fast.append(script_img_per_s(module, cache, os.path.join(work, name), steps))
-            slow.append(textbook_img_per_s(module, data_folder, steps))
+            cond = ['--labels', labels, '--control-n', '0'] if name in ('acgan', 'wacgan_gp') else []
+            fast.append(script_img_per_s(module, cache, os.path.join(work, name), steps, cond))
+            if name == 'stylegan':   # against its own fp32, default-layout path
+                slow.append(script_img_per_s(module, cache, os.path.join(work, name), steps, ['--precision', 'fp32', '--no-channels-last']))
+                print(f'  {name} repeat {r + 1}: fast path {fast[-1]:.1f} img/s, fp32 path {slow[-1]:.1f} img/s', flush=True)
+                continue
+            if name in ('acgan', 'wacgan_gp'):
+                slow.append(textbook_conditional_img_per_s(module, data_folder, labels, steps))
+            else:
+                slow.append(textbook_img_per_s(module, data_folder, steps))
             print(f'  {name} repeat {r + 1}: script {fast[-1]:.1f} img/s, textbook {slow[-1]:.1f} img/s', flush=True)
         f, s = statistics.median(fast), statistics.median(slow)
+        if name in ('acgan', 'wacgan_gp'):
+            print(f'{name:10s} script {f:7.1f} img/s | textbook {s:7.1f} img/s | ratio {f / s:.2f}x', flush=True)
+            continue
+        if name == 'stylegan':
+            print(f'{name:10s} fast path {f:7.1f} img/s | fp32 path {s:7.1f} img/s | ratio {f / s:.2f}x', flush=True)
+            continue
         gflop = step_gflop(module)
         print(f'{name:10s} script {f:7.1f} img/s | textbook {s:7.1f} img/s | ratio {f / s:.2f}x | '
               f'{gflop:.1f} GFLOP/step -> {gflop * f / 64:.0f} GFLOP/s achieved', flush=True)
@@ -139,8 +209,10 @@ def bench_fid(data_folder, weights, n=500, chunk=100):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--only', nargs='*', default=['dcgan', 'lsgan', 'fid'], help='what to time (default: %(default)s)')
+    p.add_argument('--only', nargs='*', default=['dcgan', 'lsgan', 'acgan', 'wacgan_gp', 'stylegan', 'fid'], help='what to time (default: %(default)s)')
     p.add_argument('--data', default=common.DEFAULT_DATA, help='image folder (default: the bundled faces)')
+    p.add_argument('--labels', default=os.path.join(HERE, 'data', 'labels.csv'),
+                   help='labels CSV of --data, for acgan and wacgan_gp (default: %(default)s)')
     p.add_argument('--steps', type=int, default=60, help='timed steps per training measurement (default: %(default)s)')
     p.add_argument('--repeats', type=int, default=3, help='alternations per model (default: %(default)s)')
     p.add_argument('--weights', default=os.path.join(HERE, '..', 'shared', 'weights', 'pt_inception-2015-12-05-nofc.pth'),
@@ -149,7 +221,7 @@ def main():
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 CPU: {common.cpu_has_bf16()}', flush=True)
     models = [m for m in args.only if m != 'fid']
     if models:
-        bench_training(models, args.data, args.steps, args.repeats)
+        bench_training(models, args.data, args.steps, args.repeats, args.labels)
     if 'fid' in args.only:
         bench_fid(args.data, args.weights)
 
