@@ -293,9 +293,10 @@ def checkpoint_batches(ckpt, n, batch_size, device, seed, save_dir=None, keep=No
         if save_dir:
             common.save_pngs(x, save_dir, start=i)
             i += len(x)
+        x = as_uint8(x)
         if keep is not None:
-            keep.append(as_uint8(x))
-        yield as_uint8(x)
+            keep.append(x)
+        yield x
 
 
 def is_checkpoint(path):
@@ -323,7 +324,8 @@ def features_of(src, extractor, args, log=print, images_out=None):
     ckpt = common.load_checkpoint(src) if src.endswith('.pt') and is_checkpoint(src) else None
     kept, cache = [], None
     if ckpt:
-        batches = checkpoint_batches(ckpt, args.n, args.batch_size, args.device, args.seed, args.save_samples, kept)
+        batches = checkpoint_batches(ckpt, args.n, args.batch_size, args.device, args.seed, args.save_samples,
+                                     kept if images_out is not None else None)   # keep images only when asked
         n, names = args.n, [f'{i:06d}' for i in range(args.n)]
     else:
         images, names = common.load_images(src, size=args.image_size, log=log)
