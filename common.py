@@ -30,6 +30,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 CKPT_FORMAT = 1
@@ -68,6 +69,8 @@ def base_parser(script, doc, epochs, batch_size):
       'fp16 only on CUDA, with loss scaling; weights stay fp32 (default: %(default)s)')
     a('--channels-last', action=argparse.BooleanOptionalAction, default=True,
       help='NHWC memory layout, faster convolutions on CPU and tensor cores (default: %(default)s)')
+    a('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the models: minutes of compiling at the start, then '
+      'faster steps; the scripts with a gradient penalty (wacgan_gp, stylegan) leave D uncompiled (default: off)')
     a('--seed', type=int, default=0, help='seeds weights, noise, data order and the fixed grid z (default: %(default)s)')
     a('--deterministic', action='store_true', help='deterministic kernels only (slower on CUDA)')
     a('--resume', action='store_true', help='continue the run in --out from its ckpt.pt, exactly; '
@@ -87,6 +90,15 @@ def base_parser(script, doc, epochs, batch_size):
       help='only generate: write N images and grids from --ckpt, then exit')
     a('--ckpt', default=None, help='checkpoint for --sample (default: <out>/ckpt.pt)')
     return p
+
+
+def add_ema_diffaug_args(parser, ema_kimg):
+    """--ema-kimg and --diffaug, for the scripts that offer an EMA generator and DiffAugment."""
+    parser.add_argument('--ema-kimg', type=float, default=ema_kimg,
+                        help='half-life of the EMA generator, in thousands of images; it samples, makes the grids '
+                        'and is scored; 0 = no EMA (default: %(default)s)')
+    parser.add_argument('--diffaug', default='', metavar='OPS',
+                        help=f'DiffAugment on every image D sees, a comma list of {",".join(AUGMENTS)} (default: off)')
 
 
 def parse_args(parser, argv=None):
@@ -111,6 +123,11 @@ def parse_args(parser, argv=None):
             parser.error(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
     if min(args.n_samples, args.sample, args.snapshot_every, args.fid_every) < 0:
         parser.error('--n-samples, --sample, --snapshot-every and --fid-every must be >= 0')
+    bad = set(filter(None, getattr(args, 'diffaug', '').split(','))) - set(AUGMENTS)
+    if bad:
+        parser.error(f'--diffaug: unknown {",".join(sorted(bad))}; choose from {",".join(AUGMENTS)}')
+    if getattr(args, 'ema_kimg', 0) < 0:
+        parser.error(f'--ema-kimg must be >= 0, got {args.ema_kimg}')
     if args.fid_every and not (args.fid_stats and os.path.isfile(args.fid_stats)):
         parser.error(f'--fid-every needs --fid-stats FILE.npz (got {args.fid_stats}); make it with '
                      f'`python fid.py DATA --save-stats FILE.npz`')
@@ -352,6 +369,69 @@ class ImageBatches:
         if self.labels is None:
             return x
         return x, self.labels[idx.to(self.labels.device)].to(self.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recipe helpers several scripts share: DiffAugment and the EMA generator
+#
+# DiffAugment (Zhao et al. 2020, https://arxiv.org/abs/2006.10738): the same random, differentiable
+# transforms on every image D sees, real and fake, so D cannot memorise a small dataset
+
+def aug_color(x):
+    B = x.shape[0]
+    x = x + (torch.rand(B, 1, 1, 1, device=x.device) - 0.5)                                  # brightness
+    m = x.mean(1, keepdim=True)
+    x = (x - m) * (torch.rand(B, 1, 1, 1, device=x.device) * 2) + m                          # saturation
+    m = x.mean((1, 2, 3), keepdim=True)
+    return (x - m) * (torch.rand(B, 1, 1, 1, device=x.device) + 0.5) + m                     # contrast
+
+
+def aug_translation(x, ratio=0.125):
+    """Shift by up to 1/8 of the size, zero padding, via a per-sample integer gather."""
+    B, C, H, W = x.shape
+    sh, sw = int(H * ratio + 0.5), int(W * ratio + 0.5)
+    tx = torch.randint(-sh, sh + 1, (B, 1, 1), device=x.device)
+    ty = torch.randint(-sw, sw + 1, (B, 1, 1), device=x.device)
+    gy, gx = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device), indexing='ij')
+    gy, gx = (gy[None] + tx).clamp(-1, H), (gx[None] + ty).clamp(-1, W)   # -1 / H: the zero border
+    padded = F.pad(x, (1, 1, 1, 1))
+    idx = ((gy + 1) * (W + 2) + gx + 1).view(B, 1, -1).expand(-1, C, -1)
+    return padded.flatten(2).gather(2, idx).view(B, C, H, W)
+
+
+def aug_cutout(x, ratio=0.5):
+    """Zero a random square of half the image size in each sample."""
+    B, C, H, W = x.shape
+    h, w = int(H * ratio + 0.5), int(W * ratio + 0.5)
+    top = torch.randint(0, H - h + 1, (B, 1, 1), device=x.device)
+    left = torch.randint(0, W - w + 1, (B, 1, 1), device=x.device)
+    gy, gx = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device), indexing='ij')
+    inside = (gy >= top) & (gy < top + h) & (gx >= left) & (gx < left + w)
+    return x * (~inside)[:, None].to(x.dtype)
+
+
+AUGMENTS = {'color': aug_color, 'translation': aug_translation, 'cutout': aug_cutout}
+
+
+def diff_augment(x, ops):
+    for op in filter(None, ops.split(',')):
+        x = AUGMENTS[op](x)
+    return x
+
+
+def ema_beta(batch_size, ema_kimg):
+    """Per-step EMA decay for a half-life of ema_kimg thousand images (StyleGAN2's convention); 0 = no memory."""
+    return 0.5 ** (batch_size / (ema_kimg * 1000)) if ema_kimg > 0 else 0.0
+
+
+@torch.no_grad()
+def accumulate(ema, model, beta):
+    """ema = beta * ema + (1 - beta) * model, for parameters; buffers (w_avg, noise) are copied."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - beta)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -604,10 +684,11 @@ def write_samples(G, sample_inputs, model_args, n, folder, device, seed):
         i += len(x)
 
 
-def sample_main(args, sample_inputs, configure=None):
+def sample_main(args, sample_inputs, configure=None, extras=None):
     """--sample N: rebuild G from the checkpoint alone, write the fixed-z grid it was trained with, a grid
     of N new images and the N images as PNGs (with the same --seed, the images that training wrote to samples/).
-    configure(G), if given, adjusts the loaded generator first (e.g. stylegan.py's truncation psi)."""
+    configure(G), if given, adjusts the loaded generator first (e.g. stylegan.py's truncation psi);
+    extras(G, out, device), if given, writes a script's own pictures after (e.g. a style-mixing grid)."""
     path = args.ckpt
     ckpt = load_checkpoint(path)
     device = pick_device(args.device)
@@ -628,6 +709,8 @@ def sample_main(args, sample_inputs, configure=None):
     if conditional:
         grids = attribute_grids(G, sample_inputs, model_args, out, device, args.seed + 1, attrs=attrs)
         extra = ', ' + ', '.join(os.path.basename(p) for p in grids) + (f' for {attrs}' if attrs else '')
+    if extras:
+        extras(G, out, device)
     print(f'wrote {args.sample} images, grid.png, fixed_grid.png{extra} to {out} (step {ckpt["step"]} of {path})')
     return out
 
@@ -657,6 +740,7 @@ class Run:
         self._stop_signal = None
         self._fid, self._extractor = None, None
         self.models, self.optims, self.scalers = {}, {}, {}
+        self._resume_ckpt = None
 
     def log(self, msg):
         if self.main:
@@ -678,11 +762,18 @@ class Run:
         """--labels for the images load_images returned -> (LongTensor (N, A), -1 = unknown; the label part of
         model_args). A resumed run keeps its checkpoint's classes, so class indices keep their meaning."""
         if self.args.resume:
-            saved = load_checkpoint(self.ckpt_path)['model_args']
+            saved = self.resume_checkpoint()['model_args']
             y, _ = join_labels(self.args.labels, self.files, saved['vocab'])
             return y, {k: saved[k] for k in ('vocab', 'label_prior')}
         y, vocab = join_labels(self.args.labels, self.files)
         return y, label_model_args(y, vocab, self.args.labels)
+
+    def resume_checkpoint(self):
+        """The run's ckpt.pt, read once, on the CPU (load_state_dict moves weights and optimiser state to the
+        models' device; the RNG states must stay CPU tensors)."""
+        if self._resume_ckpt is None:
+            self._resume_ckpt = load_checkpoint(self.ckpt_path)
+        return self._resume_ckpt
 
     def autocast(self):
         """Mixed precision for the forward passes; losses are computed in fp32 by the scripts."""
@@ -690,9 +781,16 @@ class Run:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def prepare(self, module):
+    def prepare(self, module, compilable=True):
+        """To the device, channels_last, and with --compile compiled in place (its state_dict keeps its keys,
+        no `_orig_mod.`). compilable=False for a D whose gradient penalty needs a double backward, which
+        torch.compile cannot do."""
         module = module.to(self.device)
-        return module.to(memory_format=torch.channels_last) if self.args.channels_last else module
+        if self.args.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        if self.args.compile and compilable:
+            module.compile()
+        return module
 
     # -- model registration and resume ------------------------------------------------------------
     def setup(self, models, optims, model_args, fixed, sample_inputs, sample_model='G', extra=None):
@@ -709,7 +807,7 @@ class Run:
             self.scalers = {k: torch.amp.GradScaler('cuda') for k in optims}
         self.start_step = 0
         if self.args.resume:
-            ckpt = load_checkpoint(self.ckpt_path, map_location=self.device)
+            ckpt = self.resume_checkpoint()
             if ckpt['script'] != self.script:
                 fail(f'{self.ckpt_path} was written by {ckpt["script"]}.py, not {self.script}.py')
             for k, m in models.items():
@@ -730,6 +828,7 @@ class Run:
             else:   # a different process count cannot replay the same noise; continue with fresh noise
                 torch.manual_seed(self.args.seed + 7919 * self.rank + self.start_step)
             self.log(f'resumed {self.ckpt_path} at step {self.start_step}')
+            self._resume_ckpt = None   # its tensors are in the models now
         else:
             if self.world > 1:   # same init everywhere, different noise per process
                 for m in models.values():

@@ -3,7 +3,13 @@ Generative Adversarial Networks", 2015. https://arxiv.org/abs/1511.06434
 
 64x64 anime faces with the recipe of the reports this project follows: strided-conv D (BatchNorm,
 LeakyReLU 0.2), conv-transpose G (BatchNorm, ReLU, tanh), z = 100, batch 64, Adam lrG 5e-4, lrD 1e-4,
-betas (0.5, 0.999), fuzzy labels 0.9 / 0.1, 150 epochs.
+betas (0.5, 0.999), fuzzy labels 0.9 / 0.1, 150 epochs. That recipe is the default; the changes that
+train better on the same budget are flags, each measured in results/README.md:
+
+    --loss hinge         hinge loss (Lim & Ye 2017; SAGAN, BigGAN) instead of cross-entropy
+    --sn                 spectral normalisation of D's convolutions instead of BatchNorm (Miyato et al. 2018)
+    --ema-kimg 10        sample from an exponential moving average of G's weights (Karras et al. 2018)
+    --diffaug OPS        DiffAugment (Zhao et al. 2020) on every image D sees
 
     python dcgan.py --data faces/ --epochs 150                 # train (run folder: runs/dcgan)
     python dcgan.py --out runs/dcgan --resume                   # continue a stopped run exactly
@@ -28,6 +34,10 @@ def get_args(argv=None):
     p.add_argument('--beta2', type=float, default=0.999, help='Adam beta2 (default: %(default)s)')
     p.add_argument('--real-label', type=float, default=0.9, help='fuzzy target for real images (default: %(default)s)')
     p.add_argument('--fake-label', type=float, default=0.1, help='fuzzy target for fakes in the D loss (default: %(default)s)')
+    p.add_argument('--loss', choices=['bce', 'hinge'], default='bce',
+                   help='bce = cross-entropy with the fuzzy labels above; hinge ignores them (default: %(default)s)')
+    p.add_argument('--sn', action='store_true', help='spectral normalisation in D, in place of its BatchNorm')
+    common.add_ema_diffaug_args(p, ema_kimg=0.0)
     return common.parse_args(p, argv)
 
 
@@ -52,15 +62,19 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf=64, nc=3):
+    def __init__(self, ndf=64, nc=3, sn=False):
         super().__init__()
-        block = lambda cin, cout: [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True)]
+        # sn: every conv divided by its largest singular value (one power iteration per forward), which
+        # bounds D's Lipschitz constant; it replaces BatchNorm, so D scores each image on its own
+        conv = lambda *a, **k: nn.utils.parametrizations.spectral_norm(nn.Conv2d(*a, **k)) if sn else nn.Conv2d(*a, **k)
+        norm = (lambda c: nn.Identity()) if sn else nn.BatchNorm2d
+        block = lambda cin, cout: [conv(cin, cout, 4, 2, 1, bias=sn), norm(cout), nn.LeakyReLU(0.2, True)]
         self.net = nn.Sequential(
-            nn.Conv2d(nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True),  # nc x 64 x 64 -> ndf x 32 x 32 (no BN on the input layer)
+            conv(nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True),        # nc x 64 x 64 -> ndf x 32 x 32 (no BN on the input layer)
             *block(ndf, ndf * 2),                                   # -> (ndf*2) x 16 x 16
             *block(ndf * 2, ndf * 4),                               # -> (ndf*4) x 8 x 8
             *block(ndf * 4, ndf * 8),                               # -> (ndf*8) x 4 x 4
-            nn.Conv2d(ndf * 8, 1, 4, 1, 0),                         # -> 1 x 1 x 1
+            conv(ndf * 8, 1, 4, 1, 0),                              # -> 1 x 1 x 1
         )
 
     def forward(self, x):
@@ -68,7 +82,11 @@ class Discriminator(nn.Module):
 
 
 def init_weights(m):
-    """DCGAN paper: all weights from N(0, 0.02); BatchNorm scale from N(1, 0.02)."""
+    """DCGAN paper: all weights from N(0, 0.02); BatchNorm scale from N(1, 0.02). Spectrally normalised
+    convs keep PyTorch's init: their scale is set by the normalisation, and their power-iteration vectors
+    were computed for it."""
+    if nn.utils.parametrize.is_parametrized(m):
+        return
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
         if m.bias is not None:
@@ -84,7 +102,7 @@ def sample_inputs(model_args, n, device, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Losses: binary cross-entropy on logits, with fuzzy targets
+# Losses: binary cross-entropy on logits with fuzzy targets (the reports), or hinge (--loss hinge)
 
 def d_loss(real_logits, fake_logits, real_label, fake_label):
     """maximize log D(x) + log(1 - D(G(z))), targets softened to real_label / fake_label."""
@@ -97,6 +115,15 @@ def g_loss(fake_logits, real_label):
     return F.binary_cross_entropy_with_logits(fake_logits, torch.full_like(fake_logits, real_label))
 
 
+def d_hinge_loss(real_logits, fake_logits):
+    """D is only pushed while a real scores below 1 or a fake above -1: no reward for being surer."""
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def g_hinge_loss(fake_logits):
+    return -fake_logits.mean()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 
@@ -107,15 +134,25 @@ def train(args):
     images = run.load_images()
     model_args = dict(z_dim=args.z_dim, ngf=args.ngf)
     G = run.prepare(Generator(**model_args))
-    D = run.prepare(Discriminator(args.ndf))
+    D = run.prepare(Discriminator(args.ndf, sn=args.sn))
     G.apply(init_weights)
     D.apply(init_weights)
+    G_ema = run.prepare(Generator(**model_args)) if args.ema_kimg else None
     betas = (args.beta1, args.beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=betas, foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, foreach=True)
     # the fixed z of the progress grids: its own generator, so it does not shift the training noise
     fixed_z = sample_inputs(model_args, 64, 'cpu', torch.Generator().manual_seed(args.seed))[0].to(run.device)
-    run.setup({'G': G, 'D': D}, {'G': opt_g, 'D': opt_d}, model_args, (fixed_z,), sample_inputs)
+    models = {'G': G, 'D': D}
+    if G_ema is not None:   # a second copy of G whose weights trail G's: it samples, G trains
+        common.accumulate(G_ema, G, 0.0)
+        G_ema.eval().requires_grad_(False)
+        models['G_ema'] = G_ema
+    run.setup(models, {'G': opt_g, 'D': opt_d}, model_args, (fixed_z,), sample_inputs,
+              sample_model='G_ema' if G_ema is not None else 'G')
+    ema_beta = common.ema_beta(args.batch_size, args.ema_kimg)
+    aug = lambda x: common.diff_augment(x, args.diffaug)   # identity without --diffaug
+    hinge = args.loss == 'hinge'
 
     B = args.batch_size // run.world
     for step, real in run.batches(images):
@@ -124,8 +161,9 @@ def train(args):
         # (1) update D: maximize log D(x) + log(1 - D(G(z)))
         with run.autocast():
             fake = G(z)
-            real_logits, fake_logits = D(real).float(), D(fake.detach()).float()
-        loss_d = d_loss(real_logits, fake_logits, args.real_label, args.fake_label)
+            real_logits, fake_logits = D(aug(real)).float(), D(aug(fake.detach())).float()
+        loss_d = (d_hinge_loss(real_logits, fake_logits) if hinge
+                  else d_loss(real_logits, fake_logits, args.real_label, args.fake_label))
         opt_d.zero_grad(set_to_none=True)
         run.backward(loss_d, 'D')
         run.step('D')
@@ -133,12 +171,14 @@ def train(args):
         # (2) update G: maximize log D(G(z)), through the D just updated
         D.requires_grad_(False)   # D's weight gradients are not needed here: skip computing them
         with run.autocast():
-            gen_logits = D(fake).float()
-        loss_g = g_loss(gen_logits, args.real_label)
+            gen_logits = D(aug(fake)).float()
+        loss_g = g_hinge_loss(gen_logits) if hinge else g_loss(gen_logits, args.real_label)
         opt_g.zero_grad(set_to_none=True)
         run.backward(loss_g, 'G')
         run.step('G')
         D.requires_grad_(True)
+        if G_ema is not None:
+            common.accumulate(G_ema, G, ema_beta)
 
         run.track(loss_d=loss_d, loss_g=loss_g,
                   d_real=torch.sigmoid(real_logits).mean(), d_fake=torch.sigmoid(fake_logits).mean())

@@ -4,6 +4,9 @@ The DCGAN of dcgan.py (same architecture, same hyper-parameters as the reports: 
 Adam lrG 5e-4, lrD 1e-4, betas (0.5, 0.999), 150 epochs) with D's sigmoid cross-entropy replaced by
 least squares: D regresses real images to b and fakes to a, G pulls its fakes towards c. The reports'
 fuzzy labels give the defaults a = 0.1, b = c = 0.9; the paper's 0-1 coding is --fake-label 0 --real-label 1.
+As in dcgan.py, the changes that train better on the same budget are flags, each measured in
+results/README.md: --sn (spectral normalisation in D instead of BatchNorm), --ema-kimg 10 (sample from an
+EMA of G), --diffaug OPS (DiffAugment on every image D sees).
 
     python lsgan.py --data faces/ --epochs 150                 # train (run folder: runs/lsgan)
     python lsgan.py --out runs/lsgan --resume                   # continue a stopped run exactly
@@ -27,6 +30,8 @@ def get_args(argv=None):
     p.add_argument('--beta2', type=float, default=0.999, help='Adam beta2 (default: %(default)s)')
     p.add_argument('--real-label', type=float, default=0.9, help='b and c: target of D(real) and of G\'s fakes (default: %(default)s)')
     p.add_argument('--fake-label', type=float, default=0.1, help='a: target of D(fake) in the D loss (default: %(default)s)')
+    p.add_argument('--sn', action='store_true', help='spectral normalisation in D, in place of its BatchNorm')
+    common.add_ema_diffaug_args(p, ema_kimg=0.0)
     return common.parse_args(p, argv)
 
 
@@ -51,15 +56,19 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf=64, nc=3):
+    def __init__(self, ndf=64, nc=3, sn=False):
         super().__init__()
-        block = lambda cin, cout: [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True)]
+        # sn: every conv divided by its largest singular value (one power iteration per forward), which
+        # bounds D's Lipschitz constant; it replaces BatchNorm, so D scores each image on its own
+        conv = lambda *a, **k: nn.utils.parametrizations.spectral_norm(nn.Conv2d(*a, **k)) if sn else nn.Conv2d(*a, **k)
+        norm = (lambda c: nn.Identity()) if sn else nn.BatchNorm2d
+        block = lambda cin, cout: [conv(cin, cout, 4, 2, 1, bias=sn), norm(cout), nn.LeakyReLU(0.2, True)]
         self.net = nn.Sequential(
-            nn.Conv2d(nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True),  # nc x 64 x 64 -> ndf x 32 x 32 (no BN on the input layer)
+            conv(nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True),        # nc x 64 x 64 -> ndf x 32 x 32 (no BN on the input layer)
             *block(ndf, ndf * 2),                                   # -> (ndf*2) x 16 x 16
             *block(ndf * 2, ndf * 4),                               # -> (ndf*4) x 8 x 8
             *block(ndf * 4, ndf * 8),                               # -> (ndf*8) x 4 x 4
-            nn.Conv2d(ndf * 8, 1, 4, 1, 0),                         # -> 1 x 1 x 1
+            conv(ndf * 8, 1, 4, 1, 0),                              # -> 1 x 1 x 1
         )
 
     def forward(self, x):
@@ -67,7 +76,11 @@ class Discriminator(nn.Module):
 
 
 def init_weights(m):
-    """DCGAN paper: all weights from N(0, 0.02); BatchNorm scale from N(1, 0.02)."""
+    """DCGAN paper: all weights from N(0, 0.02); BatchNorm scale from N(1, 0.02). Spectrally normalised
+    convs keep PyTorch's init: their scale is set by the normalisation, and their power-iteration vectors
+    were computed for it."""
+    if nn.utils.parametrize.is_parametrized(m):
+        return
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
         if m.bias is not None:
@@ -105,15 +118,24 @@ def train(args):
     images = run.load_images()
     model_args = dict(z_dim=args.z_dim, ngf=args.ngf)
     G = run.prepare(Generator(**model_args))
-    D = run.prepare(Discriminator(args.ndf))
+    D = run.prepare(Discriminator(args.ndf, sn=args.sn))
     G.apply(init_weights)
     D.apply(init_weights)
+    G_ema = run.prepare(Generator(**model_args)) if args.ema_kimg else None
     betas = (args.beta1, args.beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=betas, foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, foreach=True)
     # the fixed z of the progress grids: its own generator, so it does not shift the training noise
     fixed_z = sample_inputs(model_args, 64, 'cpu', torch.Generator().manual_seed(args.seed))[0].to(run.device)
-    run.setup({'G': G, 'D': D}, {'G': opt_g, 'D': opt_d}, model_args, (fixed_z,), sample_inputs)
+    models = {'G': G, 'D': D}
+    if G_ema is not None:   # a second copy of G whose weights trail G's: it samples, G trains
+        common.accumulate(G_ema, G, 0.0)
+        G_ema.eval().requires_grad_(False)
+        models['G_ema'] = G_ema
+    run.setup(models, {'G': opt_g, 'D': opt_d}, model_args, (fixed_z,), sample_inputs,
+              sample_model='G_ema' if G_ema is not None else 'G')
+    ema_beta = common.ema_beta(args.batch_size, args.ema_kimg)
+    aug = lambda x: common.diff_augment(x, args.diffaug)   # identity without --diffaug
 
     B = args.batch_size // run.world
     for step, real in run.batches(images):
@@ -122,7 +144,7 @@ def train(args):
         # (1) update D: pull D(x) to b = real_label and D(G(z)) to a = fake_label
         with run.autocast():
             fake = G(z)
-            real_out, fake_out = D(real).float(), D(fake.detach()).float()
+            real_out, fake_out = D(aug(real)).float(), D(aug(fake.detach())).float()
         loss_d = d_loss(real_out, fake_out, args.real_label, args.fake_label)
         opt_d.zero_grad(set_to_none=True)
         run.backward(loss_d, 'D')
@@ -131,12 +153,14 @@ def train(args):
         # (2) update G: pull D(G(z)) to c = real_label, through the D just updated
         D.requires_grad_(False)   # D's weight gradients are not needed here: skip computing them
         with run.autocast():
-            gen_out = D(fake).float()
+            gen_out = D(aug(fake)).float()
         loss_g = g_loss(gen_out, args.real_label)
         opt_g.zero_grad(set_to_none=True)
         run.backward(loss_g, 'G')
         run.step('G')
         D.requires_grad_(True)
+        if G_ema is not None:
+            common.accumulate(G_ema, G, ema_beta)
 
         run.track(loss_d=loss_d, loss_g=loss_g,
                   d_real=real_out.mean(), d_fake=fake_out.mean())

@@ -44,17 +44,11 @@ def get_args(argv=None):
                    help='R1 gamma (default: StyleGAN2-ADA\'s heuristic 0.0002 * image_size^2 / batch_size)')
     p.add_argument('--r1-every', type=int, default=16, help='lazy regularisation interval (default: %(default)s)')
     p.add_argument('--mixing', type=float, default=0.9, help='style-mixing probability (default: %(default)s)')
-    p.add_argument('--ema-kimg', type=float, default=10.0,
-                   help='half-life of the EMA generator, in thousands of images (default: %(default)s)')
-    p.add_argument('--diffaug', default='', metavar='OPS',
-                   help='DiffAugment on every image D sees, e.g. color,translation,cutout (default: off)')
+    common.add_ema_diffaug_args(p, ema_kimg=10.0)
     p.add_argument('--psi', type=float, default=1.0, help='with --sample: truncation psi, 1 = none (default: %(default)s)')
     args = common.parse_args(p, argv)
     if args.image_size not in (32, 64, 128, 256):
         p.error(f'--image-size must be 32, 64, 128 or 256, got {args.image_size}')
-    bad = set(filter(None, args.diffaug.split(','))) - set(AUGMENTS)
-    if bad:
-        p.error(f'--diffaug: unknown {",".join(sorted(bad))}; choose from {",".join(AUGMENTS)}')
     if args.r1 is None:
         args.r1 = 0.0002 * args.image_size ** 2 / args.batch_size
     return args
@@ -270,52 +264,6 @@ def d_r1_loss(real_logits, real):
 
 
 # ----------------------------------------------------------------------------------------------------
-# DiffAugment (Zhao et al. 2020, https://arxiv.org/abs/2006.10738): the same random, differentiable
-# transforms on every image D sees, real and fake, so D cannot memorise a small dataset
-
-def aug_color(x):
-    B = x.shape[0]
-    x = x + (torch.rand(B, 1, 1, 1, device=x.device) - 0.5)                                  # brightness
-    m = x.mean(1, keepdim=True)
-    x = (x - m) * (torch.rand(B, 1, 1, 1, device=x.device) * 2) + m                          # saturation
-    m = x.mean((1, 2, 3), keepdim=True)
-    return (x - m) * (torch.rand(B, 1, 1, 1, device=x.device) + 0.5) + m                     # contrast
-
-
-def aug_translation(x, ratio=0.125):
-    """Shift by up to 1/8 of the size, zero padding, via a per-sample integer gather."""
-    B, C, H, W = x.shape
-    sh, sw = int(H * ratio + 0.5), int(W * ratio + 0.5)
-    tx = torch.randint(-sh, sh + 1, (B, 1, 1), device=x.device)
-    ty = torch.randint(-sw, sw + 1, (B, 1, 1), device=x.device)
-    gy, gx = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device), indexing='ij')
-    gy, gx = (gy[None] + tx).clamp(-1, H), (gx[None] + ty).clamp(-1, W)   # -1 / H: the zero border
-    padded = F.pad(x, (1, 1, 1, 1))
-    idx = ((gy + 1) * (W + 2) + gx + 1).view(B, 1, -1).expand(-1, C, -1)
-    return padded.flatten(2).gather(2, idx).view(B, C, H, W)
-
-
-def aug_cutout(x, ratio=0.5):
-    """Zero a random square of half the image size in each sample."""
-    B, C, H, W = x.shape
-    h, w = int(H * ratio + 0.5), int(W * ratio + 0.5)
-    top = torch.randint(0, H - h + 1, (B, 1, 1), device=x.device)
-    left = torch.randint(0, W - w + 1, (B, 1, 1), device=x.device)
-    gy, gx = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device), indexing='ij')
-    inside = (gy >= top) & (gy < top + h) & (gx >= left) & (gx < left + w)
-    return x * (~inside)[:, None].to(x.dtype)
-
-
-AUGMENTS = {'color': aug_color, 'translation': aug_translation, 'cutout': aug_cutout}
-
-
-def diff_augment(x, ops):
-    for op in filter(None, ops.split(',')):
-        x = AUGMENTS[op](x)
-    return x
-
-
-# ----------------------------------------------------------------------------------------------------
 # Outputs: style-mixing grid and latent interpolation
 
 @torch.no_grad()
@@ -356,23 +304,14 @@ def write_extras(G, out, device, seed):
 # ----------------------------------------------------------------------------------------------------
 # Training
 
-@torch.no_grad()
-def accumulate(ema, model, beta):
-    """ema = beta * ema + (1 - beta) * model, for parameters; buffers (w_avg, noise) are copied."""
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1 - beta)
-    for be, bm in zip(ema.buffers(), model.buffers()):
-        be.copy_(bm)
-
-
 def train(args):
     run = common.Run(args, 'stylegan')
     images = run.load_images()
     model_args = dict(size=args.image_size, z_dim=args.z_dim, n_mlp=args.n_mlp, ch_base=args.ch_base,
                       ch_max=args.ch_max, style=args.style)
     G, G_ema = run.prepare(Generator(**model_args)), run.prepare(Generator(**model_args))
-    D = run.prepare(Discriminator(args.image_size, args.ch_base, args.ch_max))
-    accumulate(G_ema, G, 0.0)
+    D = run.prepare(Discriminator(args.image_size, args.ch_base, args.ch_max), compilable=False)   # R1: double backward
+    common.accumulate(G_ema, G, 0.0)
     G_ema.eval().requires_grad_(False)
     # lazy regularisation: D's R1 step comes every r1_every steps, so its Adam is rescaled (StyleGAN2 App. B)
     c = args.r1_every / (args.r1_every + 1)
@@ -381,8 +320,8 @@ def train(args):
     fixed_z = sample_inputs(model_args, 64, 'cpu', torch.Generator().manual_seed(args.seed))[0].to(run.device)
     run.setup({'G': G, 'D': D, 'G_ema': G_ema}, {'G': opt_g, 'D': opt_d}, model_args, (fixed_z,), sample_inputs,
               sample_model='G_ema')
-    ema_beta = 0.5 ** (args.batch_size / (args.ema_kimg * 1000))
-    aug = lambda x: diff_augment(x, args.diffaug)
+    ema_beta = common.ema_beta(args.batch_size, args.ema_kimg)
+    aug = lambda x: common.diff_augment(x, args.diffaug)
     B = args.batch_size // run.world
     r1 = torch.zeros((), device=run.device)   # logged between R1 steps as its last value
 
@@ -424,7 +363,7 @@ def train(args):
         with torch.no_grad():
             w = G.map(torch.randn(B, args.z_dim, device=run.device))
             G.w_avg.lerp_(w.float().mean(0), 0.005)
-        accumulate(G_ema, G, ema_beta)
+        common.accumulate(G_ema, G, ema_beta)
 
         run.track(loss_d=loss_d, loss_g=loss_g, r1=r1, d_real=torch.sigmoid(real_logits.float()).mean(),
                   d_fake=torch.sigmoid(fake_logits.float()).mean())
@@ -437,11 +376,8 @@ def train(args):
 def main(argv=None):
     args = get_args(argv)
     if args.sample:
-        out = common.sample_main(args, sample_inputs, configure=lambda G: setattr(G, 'psi', args.psi))
-        G, _ = common.load_generator(args.ckpt, common.pick_device(args.device))
-        G.psi = args.psi
-        write_extras(G, out, next(G.parameters()).device, args.seed + 1)
-        return out
+        return common.sample_main(args, sample_inputs, configure=lambda G: setattr(G, 'psi', args.psi),
+                                  extras=lambda G, out, device: write_extras(G, out, device, args.seed + 1))
     train(args)
 
 

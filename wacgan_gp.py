@@ -177,7 +177,7 @@ def train(args):
     labels, label_args = run.load_labels()
     model_args = dict(z_dim=args.z_dim, ngf=args.ngf, **label_args)
     G = run.prepare(Generator(**model_args))
-    D = run.prepare(Critic(args.ndf, G.n_classes))
+    D = run.prepare(Critic(args.ndf, G.n_classes), compilable=False)   # GP: double backward
     G.apply(init_weights)
     D.apply(init_weights)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), foreach=True)

@@ -150,3 +150,14 @@ def test_plot_and_gif(tmp_path):
         common.save_grid(torch.rand(4, 3, 8, 8) * 2 - 1, str(tmp_path / 'g' / f'{i}.png'), nrow=2)
     common.make_gif(str(tmp_path / 'g'), str(tmp_path / 'p.gif'))
     assert Image.open(tmp_path / 'p.gif').n_frames == 3
+
+
+def test_diffaugment():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 16, 16, requires_grad=True)
+    cut = common.aug_cutout(torch.ones(6, 3, 16, 16))
+    assert ((cut == 0).flatten(1).sum(1) == 3 * 8 * 8).all()   # a half-size square per sample
+    moved = common.aug_translation(x)
+    assert moved.shape == x.shape and not torch.equal(moved, x)
+    common.diff_augment(x, 'color,translation,cutout').sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -70,6 +70,61 @@ def test_resume_equals_uninterrupted(module, faces, tmp_path):
     assert col(tmp_path / 'a' / 'losses.csv') == col(tmp_path / 'b' / 'losses.csv')
 
 
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
+    """--sn --ema-kimg --diffaug (and --loss hinge): EMA G samples and is checkpointed; resume stays exact."""
+    flags = ['--sn', '--ema-kimg', '0.02', '--diffaug', 'color,translation,cutout'] + ['--loss', 'hinge'] * (module is dcgan)
+    straight = train(module, faces, tmp_path / 'a', '--epochs', '2', *flags)
+    assert straight['sample_model'] == 'G_ema' and set(straight['models']) == {'G', 'D', 'G_ema'}
+    train(module, faces, tmp_path / 'b', '--epochs', '1', *flags)
+    resumed = train(module, faces, tmp_path / 'b', '--epochs', '2', '--resume')
+    assert_same_state(straight, resumed)
+    G, G_ema = (straight['models'][k] for k in ('G', 'G_ema'))
+    w = 'net.0.weight'
+    assert not torch.equal(G[w], G_ema[w])                          # it trails G ...
+    assert torch.equal(G['net.1.running_mean'], G_ema['net.1.running_mean'])   # ... BN statistics are copied
+    assert not any('running_mean' in k for k in straight['models']['D'])       # --sn: no BatchNorm in D
+    exported, _ = common.load_generator(common.generator_checkpoint(straight))
+    assert torch.equal(exported.state_dict()[w], G_ema[w])           # the export is the EMA generator
+
+
+def test_ema_accumulate():
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = ema.weight.detach().clone()
+    common.accumulate(ema, model, 0.9)
+    assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
+    assert common.ema_beta(64, 10) == pytest.approx(0.5 ** (64 / 10000)) and common.ema_beta(64, 0) == 0.0
+    # a half-life of 10 kimg: after 10,000 images at batch 64 the old weights weigh one half
+    assert common.ema_beta(64, 10) ** (10000 / 64) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_spectral_norm_bounds_each_layer(module):
+    torch.manual_seed(0)
+    D = module.Discriminator(16, sn=True)
+    D.apply(module.init_weights)   # leaves the normalised convs alone
+    for _ in range(30):            # one power iteration per training-mode forward
+        D(torch.randn(4, 3, 64, 64))
+    convs = [m for m in D.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 5 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in D.modules())
+    for m in convs:
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)
+        assert sigma == pytest.approx(1.0, abs=0.02)
+
+
+def test_compile_checkpoint_is_plain(faces, tmp_path):
+    """--compile compiles in place: the checkpoint has the eager keys (no `_orig_mod.`), the same first
+    step's losses, and it resumes without --compile."""
+    eager = train(dcgan, faces, tmp_path / 'a', '--epochs', '1', '--precision', 'fp32', '--log-every', '1')
+    comp = train(dcgan, faces, tmp_path / 'b', '--epochs', '1', '--precision', 'fp32', '--log-every', '1', '--compile')
+    for k in ('G', 'D'):
+        assert list(comp['models'][k]) == list(eager['models'][k])
+    first = lambda p: [float(v) for v in open(p).read().split()[1].split(',')[2:6]]
+    assert first(tmp_path / 'b' / 'losses.csv') == pytest.approx(first(tmp_path / 'a' / 'losses.csv'), rel=1e-3)
+    resumed = train(dcgan, faces, tmp_path / 'b', '--epochs', '2', '--resume', '--no-compile')
+    assert resumed['step'] == 4 and not resumed['args']['compile']
+
+
 def test_resume_keeps_flags_and_refuses_overwrite(faces, tmp_path):
     out = tmp_path / 'run'
     train(dcgan, faces, out, '--epochs', '1', '--lr-g', '1e-3', '--deterministic', '--flip')
@@ -114,6 +169,10 @@ def test_losses_against_definitions():
     assert torch.allclose(lsgan.d_loss(r, f, 1.0, 0.0), 0.5 * ((r - 1) ** 2).mean() + 0.5 * (f ** 2).mean())
     assert torch.allclose(lsgan.g_loss(f, 1.0), 0.5 * ((f - 1) ** 2).mean())
     assert lsgan.g_loss(torch.tensor([0.0, 2.0]), 1.0) == 0.5   # the square of the mean would give 0
+    # hinge: zero once a real scores >= 1 and a fake <= -1
+    assert torch.allclose(dcgan.d_hinge_loss(r, f), (1 - r).clamp(min=0).mean() + (1 + f).clamp(min=0).mean())
+    assert dcgan.d_hinge_loss(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, -2.0])) == 0
+    assert torch.allclose(dcgan.g_hinge_loss(f), -f.mean())
 
 
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
