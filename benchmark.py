@@ -3,6 +3,7 @@
     python benchmark.py                      # every model script vs. its textbook loop, fid.py vs. pytorch-fid
     python benchmark.py --only dcgan fid     # a subset
     python benchmark.py --only stylegan      # stylegan.py's fast path (bf16, channels-last) vs its fp32 path
+    python benchmark.py --only dcgan --script-flags=--compile   # the scripts with extra flags (here torch.compile)
 
 Training: each model script runs as its users run it (its own main(), default model size and batch,
 in-memory data, its default precision), and its img/s is read from the run's losses.csv (the logging
@@ -148,7 +149,7 @@ def step_gflop(module):
     return fc.get_total_flops() / 1e9
 
 
-def bench_training(names, data_folder, steps, repeats, labels):
+def bench_training(names, data_folder, steps, repeats, labels, script_flags=()):
     work = tempfile.mkdtemp()
     images, files = common.load_images(data_folder, 64)
     cache = os.path.join(work, 'data.pt')
@@ -158,6 +159,7 @@ def bench_training(names, data_folder, steps, repeats, labels):
         fast, slow = [], []
         for r in range(repeats):
             cond = ['--labels', labels, '--control-n', '0'] if name in ('acgan', 'wacgan_gp') else []
+            cond += list(script_flags)
             fast.append(script_img_per_s(module, cache, os.path.join(work, name), steps, cond))
             if name == 'stylegan':   # against its own fp32, default-layout path
                 slow.append(script_img_per_s(module, cache, os.path.join(work, name), steps, ['--precision', 'fp32', '--no-channels-last']))
@@ -214,6 +216,8 @@ def main():
     p.add_argument('--labels', default=os.path.join(HERE, 'data', 'labels.csv'),
                    help='labels CSV of --data, for acgan and wacgan_gp (default: %(default)s)')
     p.add_argument('--steps', type=int, default=60, help='timed steps per training measurement (default: %(default)s)')
+    p.add_argument('--script-flags', default='', help='extra flags for every script run, e.g. --script-flags=--compile '
+                   '(its compile time falls in the first logging interval, which is not counted)')
     p.add_argument('--repeats', type=int, default=3, help='alternations per model (default: %(default)s)')
     p.add_argument('--weights', default=os.path.join(HERE, '..', 'shared', 'weights', 'pt_inception-2015-12-05-nofc.pth'),
                    help='FID Inception weights for both fid.py and pytorch-fid (default: %(default)s)')
@@ -221,7 +225,7 @@ def main():
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 CPU: {common.cpu_has_bf16()}', flush=True)
     models = [m for m in args.only if m != 'fid']
     if models:
-        bench_training(models, args.data, args.steps, args.repeats, args.labels)
+        bench_training(models, args.data, args.steps, args.repeats, args.labels, args.script_flags.split())
     if 'fid' in args.only:
         bench_fid(args.data, args.weights)
 

@@ -158,7 +158,7 @@ def train(args):
     for step, real in run.batches(images):
         z = torch.randn(B, args.z_dim, device=run.device)
 
-        # (1) update D: maximize log D(x) + log(1 - D(G(z)))
+        # (1) update D: maximize log D(x) + log(1 - D(G(z)))  (hinge: min relu(1 - D(x)) + relu(1 + D(G(z))))
         with run.autocast():
             fake = G(z)
             real_logits, fake_logits = D(aug(real)).float(), D(aug(fake.detach())).float()
@@ -168,7 +168,7 @@ def train(args):
         run.backward(loss_d, 'D')
         run.step('D')
 
-        # (2) update G: maximize log D(G(z)), through the D just updated
+        # (2) update G: maximize log D(G(z))  (hinge: D(G(z))), through the D just updated
         D.requires_grad_(False)   # D's weight gradients are not needed here: skip computing them
         with run.autocast():
             gen_logits = D(aug(fake)).float()
