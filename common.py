@@ -69,7 +69,7 @@ def base_parser(script, doc, epochs, batch_size):
       'fp16 only on CUDA, with loss scaling; weights stay fp32 (default: %(default)s)')
     a('--channels-last', action=argparse.BooleanOptionalAction, default=True,
       help='NHWC memory layout, faster convolutions on CPU and tensor cores (default: %(default)s)')
-    a('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the models: minutes of compiling at the start, then '
+    a('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the models: compiling first (~30 s for dcgan.py on 2 CPU cores), then '
       'faster steps; the scripts with a gradient penalty (wacgan_gp, stylegan) leave D uncompiled (default: off)')
     a('--seed', type=int, default=0, help='seeds weights, noise, data order and the fixed grid z (default: %(default)s)')
     a('--deterministic', action='store_true', help='deterministic kernels only (slower on CUDA)')
