@@ -433,7 +433,6 @@ def accumulate(ema, model, beta):
         be.copy_(bm)
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Labels: CSV `file,attr1,attr2,...` joined to the images by file name
 
