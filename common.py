@@ -88,7 +88,10 @@ def base_parser(script, doc, epochs, batch_size):
       help='individual PNGs written to samples/ at the end, for FID (default: %(default)s)')
     a('--sample', type=int, default=0, metavar='N',
       help='only generate: write N images and grids from --ckpt, then exit')
-    a('--ckpt', default=None, help='checkpoint for --sample (default: <out>/ckpt.pt)')
+    a('--ckpt', default=None, help='checkpoint for --sample and --export (default: <out>/ckpt.pt)')
+    a('--export', default=None, metavar='OUT.pt',
+      help='only export: write the generator of --ckpt that samples (the EMA one where kept) in fp16 with its '
+      'args, small enough to share and to --sample from alone, then exit')
     return p
 
 
@@ -106,15 +109,15 @@ def parse_args(parser, argv=None):
     `python dcgan.py --out RUN --resume` continues with exactly the settings it started with."""
     args = parser.parse_args(argv)
     run_dir = os.path.join('runs', parser.prog[:-3])   # the default run folder: runs/<script>
-    if args.resume and not args.sample:
+    if args.resume and not (args.sample or args.export):
         path = os.path.join(args.out or run_dir, 'ckpt.pt')
         if not os.path.exists(path):
             parser.error(f'--resume: no checkpoint at {path}; start a new run without --resume')
         saved = load_checkpoint(path)['args']
         known = {a.dest for a in parser._actions}
-        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in ('resume', 'sample', 'ckpt')})
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in ('resume', 'sample', 'ckpt', 'export')})
         args = parser.parse_args(argv)
-    if args.sample:
+    if args.sample or args.export:
         args.ckpt = args.ckpt or os.path.join(args.out or run_dir, 'ckpt.pt')
     else:
         args.out = args.out or run_dir
@@ -687,9 +690,16 @@ def sample_main(args, sample_inputs, configure=None, extras=None):
     """--sample N: rebuild G from the checkpoint alone, write the fixed-z grid it was trained with, a grid
     of N new images and the N images as PNGs (with the same --seed, the images that training wrote to samples/).
     configure(G), if given, adjusts the loaded generator first (e.g. stylegan.py's truncation psi);
-    extras(G, out, device), if given, writes a script's own pictures after (e.g. a style-mixing grid)."""
+    extras(G, out, device), if given, writes a script's own pictures after (e.g. a style-mixing grid).
+    With --export, write the fp16 generator first (and stop there unless --sample N is also given)."""
     path = args.ckpt
     ckpt = load_checkpoint(path)
+    if args.export:
+        atomic_save(generator_checkpoint(ckpt, half=True), args.export)
+        print(f'wrote {args.export} ({os.path.getsize(args.export) / 2**20:.1f} MiB: fp16 {ckpt["sample_model"]} of step '
+              f'{ckpt["step"]} of {path}); sample it with: python {ckpt["script"]}.py --sample 64 --ckpt {args.export}')
+        if not args.sample:
+            return args.export
     device = pick_device(args.device)
     G, _ = load_generator(ckpt, device)
     if configure:   # e.g. stylegan.py's truncation psi

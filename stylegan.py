@@ -375,7 +375,7 @@ def train(args):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.sample:
+    if args.sample or args.export:
         return common.sample_main(args, sample_inputs, configure=lambda G: setattr(G, 'psi', args.psi),
                                   extras=lambda G, out, device: write_extras(G, out, device, args.seed + 1))
     train(args)

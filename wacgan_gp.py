@@ -226,7 +226,7 @@ def train(args):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.sample:
+    if args.sample or args.export:
         return common.sample_main(args, sample_inputs)
     train(args)
 

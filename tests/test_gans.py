@@ -150,9 +150,14 @@ def test_sample_reproduces_fixed_grid(module, faces, tmp_path, capsys):
     # same seed: the images the run wrote to samples/ at the end
     for i in range(6):
         assert np.array_equal(np.asarray(Image.open(s / f'{i:06d}.png')), np.asarray(Image.open(out / 'samples' / f'{i:06d}.png')))
-    # a generator-only fp16 export samples the same images, to fp16 precision
+    # --export: a generator-only fp16 file that samples the same images, to fp16 precision, from itself alone
     small = tmp_path / 'G.pt'
-    common.atomic_save(common.generator_checkpoint(common.load_checkpoint(str(out / 'ckpt.pt')), half=True), str(small))
+    module.main(['--export', str(small), '--ckpt', str(out / 'ckpt.pt')])
+    assert f'wrote {small}' in capsys.readouterr().out
+    g = common.load_checkpoint(str(small))
+    assert list(g['models']) == [g['sample_model']] and g['model_args'] == common.load_checkpoint(str(out / 'ckpt.pt'))['model_args']
+    assert all(v.dtype == torch.float16 for v in g['models'][g['sample_model']].values() if v.is_floating_point())
+    assert small.stat().st_size < (out / 'ckpt.pt').stat().st_size / 4
     module.main(['--sample', '6', '--ckpt', str(small), '--out', str(tmp_path / 's2'), '--device', 'cpu'])
     a = np.asarray(Image.open(s / '000003.png'), dtype=int)
     b = np.asarray(Image.open(tmp_path / 's2' / '000003.png'), dtype=int)
