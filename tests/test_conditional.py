@@ -135,6 +135,24 @@ def test_gradient_penalty_closed_form():
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
 
 
+def test_gradient_penalty_bf16_close_to_fp32():
+    """--gp-precision same: the critic pass of the penalty under bf16 autocast gives the fp32 penalty and
+    critic gradients to bf16 precision (what a FID parity run then has to confirm on training)."""
+    torch.manual_seed(0)
+    D = wacgan_gp.Critic(16, [3, 2])
+    x = torch.randn(8, 3, 64, 64)
+    grads = []
+    for ctx in (None, torch.autocast('cpu', dtype=torch.bfloat16)):
+        D.zero_grad()
+        gp = wacgan_gp.gradient_penalty(D, x, ctx)
+        assert gp.dtype == torch.float32
+        gp.backward()
+        grads.append((gp.detach(), torch.cat([p.grad.flatten() for p in D.parameters() if p.grad is not None])))
+    (gp32, g32), (gp16, g16) = grads
+    assert torch.allclose(gp16, gp32, rtol=0.05)
+    assert F.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
 def test_interpolates_one_coefficient_per_sample():
     torch.manual_seed(0)
     real, fake = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
