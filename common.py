@@ -80,6 +80,9 @@ def base_parser(script, doc, epochs, batch_size):
     a('--save-every', type=int, default=1000, help='steps between checkpoints (default: %(default)s)')
     a('--snapshot-every', type=int, default=10,
       help='epochs between generator snapshots in snapshots/, for scoring later; 0 = off (default: %(default)s)')
+    a('--keep-checkpoints', action='store_true',
+      help='with each snapshot also keep the full checkpoint (G, D, optimisers) as snapshots/ckpt_epochNNNN.pt, so a '
+      'run that collapses can go on from before: copy one over <out>/ckpt.pt and --resume (default: off)')
     a('--fid-every', type=int, default=0, metavar='EPOCHS',
       help='score G with FID every this many epochs (needs --fid-stats), logged to losses.csv; 0 = off (default: %(default)s)')
     a('--fid-stats', default=None, help='statistics .npz of the real data, from `python fid.py DATA --save-stats OUT.npz`')
@@ -1025,9 +1028,12 @@ class Run:
         save_grid(generate(G, self.fixed), os.path.join(self.out, 'grids', f'step_{self.global_step:08d}.png'))
 
     def snapshot(self):
+        name = f'epoch{round(self.global_step / self.steps_per_epoch):04d}.pt'
+        full = self.checkpoint() if getattr(self.args, 'keep_checkpoints', False) else None   # collective in DDP
         if self.main:
-            ckpt = generator_checkpoint(self.checkpoint_light())
-            atomic_save(ckpt, os.path.join(self.out, 'snapshots', f'G_epoch{round(self.global_step / self.steps_per_epoch):04d}.pt'))
+            atomic_save(generator_checkpoint(self.checkpoint_light()), os.path.join(self.out, 'snapshots', 'G_' + name))
+            if full is not None:
+                atomic_save(full, os.path.join(self.out, 'snapshots', 'ckpt_' + name))
 
     def checkpoint_light(self):
         return {'format': CKPT_FORMAT, 'script': self.script, 'model_args': self.model_args, 'args': vars(self.args),

@@ -70,6 +70,21 @@ def test_resume_equals_uninterrupted(module, faces, tmp_path):
     assert col(tmp_path / 'a' / 'losses.csv') == col(tmp_path / 'b' / 'losses.csv')
 
 
+def test_keep_checkpoints_rolls_back(faces, tmp_path):
+    """--keep-checkpoints: a snapshot's full checkpoint copied over ckpt.pt resumes from there, exactly
+    (a run that collapsed later goes on from before the collapse); losses.csv is cut back to that step."""
+    straight = train(dcgan, faces, tmp_path / 'a', '--epochs', '2')
+    b = tmp_path / 'b'
+    train(dcgan, faces, b, '--epochs', '3', '--snapshot-every', '1', '--keep-checkpoints')
+    assert sorted(os.listdir(b / 'snapshots')) == [f'{k}_epoch{e:04d}.pt' for k in ('G', 'ckpt') for e in (1, 2, 3)]
+    os.replace(b / 'snapshots' / 'ckpt_epoch0001.pt', b / 'ckpt.pt')
+    resumed = train(dcgan, faces, b, '--epochs', '2', '--resume')
+    assert resumed['step'] == 4
+    assert_same_state(straight, resumed)
+    col = lambda p: [r.split(',')[:6] for r in open(p).read().split()]
+    assert col(tmp_path / 'a' / 'losses.csv') == col(b / 'losses.csv')
+
+
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
     """--sn --ema-kimg --diffaug (and --loss hinge): EMA G samples and is checkpointed; resume stays exact."""
