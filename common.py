@@ -1029,7 +1029,7 @@ class Run:
 
     def snapshot(self):
         name = f'epoch{round(self.global_step / self.steps_per_epoch):04d}.pt'
-        full = self.checkpoint() if getattr(self.args, 'keep_checkpoints', False) else None   # collective in DDP
+        full = self.checkpoint() if self.args.keep_checkpoints else None   # collective in DDP
         if self.main:
             atomic_save(generator_checkpoint(self.checkpoint_light()), os.path.join(self.out, 'snapshots', 'G_' + name))
             if full is not None:
