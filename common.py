@@ -74,7 +74,7 @@ def base_parser(script, doc, epochs, batch_size):
     a('--seed', type=int, default=0, help='seeds weights, noise, data order and the fixed grid z (default: %(default)s)')
     a('--deterministic', action='store_true', help='deterministic kernels only (slower on CUDA)')
     a('--resume', action='store_true', help='continue the run in --out from its ckpt.pt, exactly; '
-      'flags not given again keep the values the run started with')
+      'flags not given again keep the values the run started with; flags given again (--epochs, --lr-g, ...) apply from there on')
     a('--log-every', type=int, default=50, help='steps between progress lines / losses.csv rows (default: %(default)s)')
     a('--grid-every', type=int, default=500, help='steps between fixed-z sample grids (default: %(default)s)')
     a('--save-every', type=int, default=1000, help='steps between checkpoints (default: %(default)s)')
@@ -825,7 +825,16 @@ class Run:
             for k, m in models.items():
                 m.load_state_dict(ckpt['models'][k])
             for k, o in optims.items():
+                # load_state_dict also restores the saved lr and betas; the optimisers were built from
+                # this invocation's flags (the saved ones unless given again), so `--resume --lr-g 1e-4`
+                # must win, e.g. to decay a learning rate by hand
+                wanted = [{h: v for h, v in g.items() if h != 'params'} for g in o.param_groups]
                 o.load_state_dict(ckpt['optims'][k])
+                for g, w in zip(o.param_groups, wanted):
+                    changed = {h: (g[h], v) for h, v in w.items() if g.get(h) != v}
+                    if changed:
+                        self.log(f'resume: {k} optimiser ' + ', '.join(f'{h} {a} -> {b}' for h, (a, b) in changed.items()))
+                    g.update(w)
             for k, s in self.scalers.items():
                 if k in ckpt.get('scalers', {}):
                     s.load_state_dict(ckpt['scalers'][k])

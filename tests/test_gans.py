@@ -85,6 +85,17 @@ def test_keep_checkpoints_rolls_back(faces, tmp_path):
     assert col(tmp_path / 'a' / 'losses.csv') == col(b / 'losses.csv')
 
 
+def test_resume_applies_changed_learning_rate(faces, tmp_path):
+    """`--resume --lr-g X` trains on with X (loading the optimiser state must not bring the old lr back);
+    flags not given again keep the run's values."""
+    train(dcgan, faces, tmp_path, '--epochs', '1', '--lr-g', '2e-4', '--beta1', '0.3')
+    ckpt = train(dcgan, faces, tmp_path, '--epochs', '2', '--resume', '--lr-g', '1e-4')
+    g, d = ckpt['optims']['G']['param_groups'][0], ckpt['optims']['D']['param_groups'][0]
+    assert g['lr'] == 1e-4 and d['lr'] == 1e-4 and g['betas'] == d['betas'] == (0.3, 0.999)
+    assert json.load(open(tmp_path / 'args.json'))['lr_g'] == 1e-4
+    assert 'resume: G optimiser lr 0.0002 -> 0.0001' in open(tmp_path / 'log.txt').read()
+
+
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
     """--sn --ema-kimg --diffaug (and --loss hinge): EMA G samples and is checkpointed; resume stays exact."""
