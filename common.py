@@ -1094,7 +1094,10 @@ def truncate_log(path, step):
         csv.writer(f).writerows(keep)
 
 
-def make_gif(grid_dir, path, max_frames=100):
+def make_gif(grid_dir, path, max_frames=100, crop=None):
+    """The grids of grid_dir, in order, as an animated GIF of at most max_frames evenly spaced frames.
+    crop=(w, h) keeps the top-left w x h pixels of each grid: a smaller GIF to commit, e.g. the first
+    4 x 4 faces of an 8 x 8 grid of 64 px faces with 2 px padding is crop=(266, 266)."""
     if not os.path.isdir(grid_dir):
         return
     files = sorted(f for f in os.listdir(grid_dir) if f.endswith('.png'))
@@ -1102,6 +1105,8 @@ def make_gif(grid_dir, path, max_frames=100):
         return
     files = [files[round(i)] for i in np.linspace(0, len(files) - 1, min(max_frames, len(files)))]
     frames = [Image.open(os.path.join(grid_dir, f)).convert('RGB') for f in files]
+    if crop:
+        frames = [f.crop((0, 0, *crop)) for f in frames]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=150, loop=0)
 
 

@@ -150,6 +150,9 @@ def test_plot_and_gif(tmp_path):
         common.save_grid(torch.rand(4, 3, 8, 8) * 2 - 1, str(tmp_path / 'g' / f'{i}.png'), nrow=2)
     common.make_gif(str(tmp_path / 'g'), str(tmp_path / 'p.gif'))
     assert Image.open(tmp_path / 'p.gif').n_frames == 3
+    common.make_gif(str(tmp_path / 'g'), str(tmp_path / 'small.gif'), max_frames=2, crop=(12, 12))
+    small = Image.open(tmp_path / 'small.gif')
+    assert small.n_frames == 2 and small.size == (12, 12)
 
 
 def test_diffaugment():
