@@ -171,7 +171,7 @@ def train(args):
     betas = (args.beta1, args.beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=betas, foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, foreach=True)
-    fixed = sample_inputs(model_args, 64, 'cpu', torch.Generator().manual_seed(args.seed))
+    fixed = sample_inputs(model_args, 64, 'cpu', common.sample_rng(args.seed))
     run.setup({'G': G, 'D': D}, {'G': opt_g, 'D': opt_d}, model_args, tuple(t.to(run.device) for t in fixed), sample_inputs)
 
     B = args.batch_size // run.world

@@ -16,6 +16,7 @@ so that `--sample`, fid.py and the tests rebuild a generator from a checkpoint f
 """
 import argparse
 import csv
+import hashlib
 import importlib
 import io
 import json
@@ -656,10 +657,20 @@ def save_pngs(x, folder, start=0):
         Image.fromarray(a).save(os.path.join(folder, f'{start + i:06d}.png'))
 
 
+def sample_rng(seed):
+    """The torch.Generator that draws sample inputs (fixed grids, --sample, FID samples) for a --seed.
+    Not seeded with `seed` itself: the CPU generator would then replay the numbers that
+    torch.manual_seed(seed) fed to the weight initialisation, and where a first layer's weight rows
+    are those numbers (StyleGAN's mapping network: z_i = row i of its first matrix), each z_i meets
+    its own row, lands far from the other ws and makes a broken face. A hash keeps the streams apart."""
+    digest = hashlib.sha256(f'animegan sample inputs {seed}'.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], 'little') >> 1)
+
+
 def sample_batches(G, sample_inputs, model_args, n, device, seed, batch_size=250, attrs=None, with_inputs=False):
     """n images from G in [-1, 1], in batches of bounded memory, from inputs drawn with their own seed.
     attrs ({'hair': 'blonde'}) goes to a conditional script's sample_inputs; with_inputs also yields the inputs."""
-    g = torch.Generator().manual_seed(seed)
+    g = sample_rng(seed)
     kw = {'attrs': attrs} if attrs else {}
     for i in range(0, n, batch_size):
         inputs = sample_inputs(model_args, min(batch_size, n - i), 'cpu', g, **kw)
@@ -672,7 +683,7 @@ def attribute_grids(G, sample_inputs, model_args, out, device, seed, ncols=8, at
     the same z and other labels down each column, so the control shows at a glance. -> written paths."""
     vocab, paths = model_args['vocab'], []
     for a, name in enumerate(vocab):
-        z, y = sample_inputs(model_args, ncols, 'cpu', torch.Generator().manual_seed(seed), **({'attrs': attrs} if attrs else {}))
+        z, y = sample_inputs(model_args, ncols, 'cpu', sample_rng(seed), **({'attrs': attrs} if attrs else {}))
         classes = len(vocab[name])
         z, y = z.repeat(classes, 1), y.repeat(classes, 1)
         y[:, a] = torch.arange(classes).repeat_interleave(ncols)

@@ -142,7 +142,7 @@ def train(args):
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=betas, foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, foreach=True)
     # the fixed z of the progress grids: its own generator, so it does not shift the training noise
-    fixed_z = sample_inputs(model_args, 64, 'cpu', torch.Generator().manual_seed(args.seed))[0].to(run.device)
+    fixed_z = sample_inputs(model_args, 64, 'cpu', common.sample_rng(args.seed))[0].to(run.device)
     models = {'G': G, 'D': D}
     if G_ema is not None:   # a second copy of G whose weights trail G's: it samples, G trains
         common.accumulate(G_ema, G, 0.0)

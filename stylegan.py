@@ -270,7 +270,7 @@ def d_r1_loss(real_logits, real):
 def style_mixing_grid(G, path, n=5, coarse=4, seed=0, device='cpu'):
     """Top row: sources B; left column: sources A; cell (i, j): A_i's coarse styles (the first `coarse` ws:
     4x4 and 8x8, pose and face shape) with B_j's fine styles (colours, texture)."""
-    g = torch.Generator().manual_seed(seed)
+    g = common.sample_rng(seed)
     za, zb = (torch.randn(n, G.z_dim, generator=g).to(device) for _ in range(2))
     G.eval()
     wa, wb = G.map(za, G.psi), G.map(zb, G.psi)
@@ -285,7 +285,7 @@ def style_mixing_grid(G, path, n=5, coarse=4, seed=0, device='cpu'):
 @torch.no_grad()
 def interpolation(G, path_png, path_gif, points=4, steps=8, seed=0, device='cpu'):
     """A walk in w through `points` random faces, `steps` frames between each (linear in w)."""
-    g = torch.Generator().manual_seed(seed)
+    g = common.sample_rng(seed)
     G.eval()
     w = G.map(torch.randn(points, G.z_dim, generator=g).to(device), G.psi)
     t = torch.linspace(0, 1, steps + 1)[:-1].to(device)
@@ -317,7 +317,7 @@ def train(args):
     c = args.r1_every / (args.r1_every + 1)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99), foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr * c, betas=(0.0, 0.99 ** c), foreach=True)
-    fixed_z = sample_inputs(model_args, 64, 'cpu', torch.Generator().manual_seed(args.seed))[0].to(run.device)
+    fixed_z = sample_inputs(model_args, 64, 'cpu', common.sample_rng(args.seed))[0].to(run.device)
     run.setup({'G': G, 'D': D, 'G_ema': G_ema}, {'G': opt_g, 'D': opt_d}, model_args, (fixed_z,), sample_inputs,
               sample_model='G_ema')
     ema_beta = common.ema_beta(args.batch_size, args.ema_kimg)
