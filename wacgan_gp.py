@@ -38,7 +38,8 @@ def get_args(argv=None):
     p.add_argument('--gp-weight', type=float, default=10.0, help='lambda of the gradient penalty (default: %(default)s)')
     p.add_argument('--gp-precision', choices=('fp32', 'same'), default='fp32',
                    help='fp32: the penalty\'s critic pass and double backward in fp32; same: under --precision '
-                   '(bf16 on this CPU: critic steps about 1.45x faster, pending a FID parity check) (default: %(default)s)')
+                   '(bf16 on this CPU: critic steps about 1.4x faster, FID ~10 worse at epoch 8 on one seed, '
+                   'results/speed.md) (default: %(default)s)')
     p.add_argument('--cls-weight', type=float, default=1.0, help='weight of the classification losses (default: %(default)s)')
     p.add_argument('--control-n', type=int, default=2000,
                    help='generated faces on which control.json measures the critic\'s heads at the end (default: %(default)s)')
