@@ -76,12 +76,6 @@ def base_parser(script, doc, epochs, batch_size):
     a('--deterministic', action='store_true', help='deterministic kernels only (slower on CUDA)')
     a('--resume', action='store_true', help='continue the run in --out from its ckpt.pt, exactly; '
       'flags not given again keep the values the run started with; flags given again (--epochs, --lr-g, ...) apply from there on')
-    a('--init-g', default=None, metavar='G.pt',
-      help='start a new run with G (and its EMA) from this generator file or checkpoint of the same script and model '
-      'flags, e.g. results/dcgan_G.pt; D and the optimisers start fresh: how a run whose folder was lost goes on (default: off)')
-    a('--d-warmup-kimg', type=float, default=0.0, metavar='KIMG',
-      help='for this many thousand images at the start, D trains and G\'s optimiser steps are skipped, so that a fresh D '
-      '(e.g. after --init-g) does not push a trained G around while it learns (default: %(default)s)')
     a('--log-every', type=int, default=50, help='steps between progress lines / losses.csv rows (default: %(default)s)')
     a('--grid-every', type=int, default=500, help='steps between fixed-z sample grids (default: %(default)s)')
     a('--save-every', type=int, default=1000, help='steps between checkpoints (default: %(default)s)')
@@ -139,10 +133,6 @@ def parse_args(parser, argv=None):
     bad = set(filter(None, getattr(args, 'diffaug', '').split(','))) - set(AUGMENTS)
     if bad:
         parser.error(f'--diffaug: unknown {",".join(sorted(bad))}; choose from {",".join(AUGMENTS)}')
-    if args.d_warmup_kimg < 0:
-        parser.error(f'--d-warmup-kimg must be >= 0, got {args.d_warmup_kimg}')
-    if args.init_g and not os.path.isfile(args.init_g):
-        parser.error(f'--init-g: no file {args.init_g}; give a generator file such as results/{parser.prog[:-3]}_G.pt')
     if getattr(args, 'ema_kimg', 0) < 0:
         parser.error(f'--ema-kimg must be >= 0, got {args.ema_kimg}')
     if args.fid_every and not (args.fid_stats and os.path.isfile(args.fid_stats)):
@@ -872,8 +862,6 @@ class Run:
             self.log(f'resumed {self.ckpt_path} at step {self.start_step}')
             self._resume_ckpt = None   # its tensors are in the models now
         else:
-            if self.args.init_g:
-                self._init_generator(models)
             if self.world > 1:   # same init everywhere, different noise per process
                 for m in models.values():
                     for t in list(m.parameters()) + list(m.buffers()):
@@ -882,27 +870,6 @@ class Run:
         if self.main:   # the flags of this invocation (a resume may have changed --epochs, say)
             with open(os.path.join(self.out, 'args.json'), 'w') as f:
                 json.dump(vars(self.args), f, indent=2)
-
-    def _init_generator(self, models):
-        """--init-g: G, and the sampling generator where it is another model (G_ema), from a generator file."""
-        path = self.args.init_g
-        ckpt = load_checkpoint(path)
-        if ckpt['script'] != self.script:
-            fail(f'--init-g {path} was written by {ckpt["script"]}.py, not {self.script}.py')
-        same = lambda a, b: torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-        diff = sorted(k for k in set(ckpt['model_args']) | set(self.model_args)
-                      if k not in ckpt['model_args'] or k not in self.model_args
-                      or not same(ckpt['model_args'][k], self.model_args[k]))
-        if diff:
-            got = ', '.join(f'{k}={ckpt["model_args"].get(k)!r}' for k in diff if k not in ('vocab', 'label_prior'))
-            fail(f'--init-g {path} has other model settings ({got or ", ".join(diff)}); give the flags '
-                 f'(or --labels) it was trained with')
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt['models'][ckpt['sample_model']].items()}
-        names = sorted({'G', self.sample_model})
-        for k in names:
-            models[k].load_state_dict(sd)
-        self.log(f'init: {" and ".join(names)} from {path} (its step {ckpt["step"]}, epoch {ckpt["epoch"]:.2f}); '
-                 f'D and the optimisers start fresh')
 
     def checkpoint(self):
         rng = {'cpu': torch.get_rng_state()}
@@ -941,8 +908,6 @@ class Run:
     def step(self, name):
         """Average gradients over processes (torchrun), then take the optimiser step."""
         model, opt = self.models[name], self.optims[name]
-        if name == 'G' and self.global_step < self.warmup_steps:
-            return   # --d-warmup-kimg: D alone for now
         if self.world > 1:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             flat = torch.cat([g.flatten() for g in grads])
@@ -972,7 +937,6 @@ class Run:
         a = self.args
         data = ImageBatches(images, a.batch_size, a.seed, a.flip, self.device, self.rank, self.world, labels=labels)
         self.steps_per_epoch = spe = data.steps_per_epoch
-        self.warmup_steps = math.ceil(a.d_warmup_kimg * 1000 / a.batch_size)
         total = a.epochs * spe
         self.global_step = self.start_step
         self._acc, self._n = None, 0
@@ -984,8 +948,6 @@ class Run:
         self.log(f'{self.script}: {len(images)} images, {spe} steps/epoch, {a.epochs} epochs, batch {a.batch_size}'
                  f'{f" x{self.world} processes" if self.world > 1 else ""}, device {self.device}, '
                  f'precision {str(self.dtype or "fp32").replace("torch.", "")}, out {self.out}')
-        if self.global_step < self.warmup_steps:
-            self.log(f'D warm-up (--d-warmup-kimg {a.d_warmup_kimg:g}): G trains from step {self.warmup_steps}')
         t0, n0 = time.time(), self.global_step
         if self.global_step == 0 and self.main:
             self.grid()

@@ -40,9 +40,6 @@ def get_args(argv=None):
     p.add_argument('--style', choices=['mod', 'adain'], default='mod',
                    help='mod = StyleGAN2 weight (de)modulation; adain = StyleGAN1 AdaIN (default: %(default)s)')
     p.add_argument('--lr', type=float, default=0.0025, help='Adam learning rate of G and D (default: %(default)s)')
-    p.add_argument('--lr-g', type=float, default=None,
-                   help='G\'s own learning rate, e.g. lower for a while after --init-g, while a fresh D catches up '
-                   '(default: --lr)')
     p.add_argument('--r1', type=float, default=None,
                    help='R1 gamma (default: StyleGAN2-ADA\'s heuristic 0.0002 * image_size^2 / batch_size)')
     p.add_argument('--r1-every', type=int, default=16, help='lazy regularisation interval (default: %(default)s)')
@@ -318,7 +315,7 @@ def train(args):
     G_ema.eval().requires_grad_(False)
     # lazy regularisation: D's R1 step comes every r1_every steps, so its Adam is rescaled (StyleGAN2 App. B)
     c = args.r1_every / (args.r1_every + 1)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g or args.lr, betas=(0.0, 0.99), foreach=True)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99), foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr * c, betas=(0.0, 0.99 ** c), foreach=True)
     fixed_z = sample_inputs(model_args, 64, 'cpu', common.sample_rng(args.seed))[0].to(run.device)
     run.setup({'G': G, 'D': D, 'G_ema': G_ema}, {'G': opt_g, 'D': opt_d}, model_args, (fixed_z,), sample_inputs,

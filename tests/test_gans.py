@@ -96,29 +96,6 @@ def test_resume_applies_changed_learning_rate(faces, tmp_path):
     assert 'resume: G optimiser lr 0.0002 -> 0.0001' in open(tmp_path / 'log.txt').read()
 
 
-def test_init_g_and_d_warmup(faces, tmp_path):
-    """--init-g starts G and G_ema from a shared generator file (D, optimisers fresh); --d-warmup-kimg skips
-    G's steps at first, so G is still the file's G after the warm-up and trains after it."""
-    ema = ['--ema-kimg', '0.02']
-    train(dcgan, faces, tmp_path / 'a', '--epochs', '1', *ema)
-    shared = tmp_path / 'G.pt'
-    dcgan.main(['--ckpt', str(tmp_path / 'a' / 'ckpt.pt'), '--export', str(shared)])
-    file_sd = common.load_checkpoint(str(shared))['models']['G_ema']
-    b = tmp_path / 'b'
-    warm = train(dcgan, faces, b, '--epochs', '1', *ema, '--seed', '1', '--init-g', str(shared), '--d-warmup-kimg', '0.016')
-    assert warm['step'] == 2 and warm['optims']['G']['state'] == {} and len(warm['optims']['D']['state']) > 0
-    for k in ('G', 'G_ema'):
-        assert torch.equal(warm['models'][k]['net.0.weight'], file_sd['net.0.weight'].float())
-    log = open(b / 'log.txt').read()
-    assert 'init: G and G_ema from' in log and 'G trains from step 2' in log
-    after = train(dcgan, faces, b, '--epochs', '2', '--resume')       # past the warm-up: G moves
-    assert not torch.equal(after['models']['G']['net.0.weight'], warm['models']['G']['net.0.weight'])
-    with pytest.raises(UserError, match=r'other model settings \(ngf=8\)'):
-        train(dcgan, faces, tmp_path / 'c', '--epochs', '1', '--ngf', '16', '--init-g', str(shared))
-    with pytest.raises(UserError, match='written by dcgan.py, not lsgan.py'):
-        train(lsgan, faces, tmp_path / 'd', '--epochs', '1', *ema, '--init-g', str(shared))
-
-
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
     """--sn --ema-kimg --diffaug (and --loss hinge): EMA G samples and is checkpointed; resume stays exact."""

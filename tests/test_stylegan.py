@@ -133,11 +133,6 @@ def test_run_folder_sampling_and_resume(faces, tmp_path):
     resumed = train(faces, tmp_path / 'b', '--epochs', '2', '--resume')
     assert resumed['step'] == 4
     assert_same_state(ckpt, resumed)
-    lrs = {k: resumed['optims'][k]['param_groups'][0]['lr'] for k in ('G', 'D')}
-    assert lrs['G'] == 0.0025 and lrs['D'] == pytest.approx(0.0025 * 2 / 3)   # D: lazy R1 every 2 steps
-    slow = train(faces, tmp_path / 'b', '--epochs', '3', '--resume', '--lr-g', '0.0001')   # G's own rate
-    assert slow['optims']['G']['param_groups'][0]['lr'] == 0.0001
-    assert slow['optims']['D']['param_groups'][0]['lr'] == lrs['D']
     with pytest.raises(SystemExit):
         stylegan.get_args(['--diffaug', 'rotate'])
 
