@@ -151,6 +151,19 @@ def test_compile_checkpoint_is_plain(faces, tmp_path):
     assert resumed['step'] == 4 and not resumed['args']['compile']
 
 
+def test_precision_auto_and_emulated_bf16_warning(faces, tmp_path, monkeypatch):
+    """auto = bf16 only where the CPU has it natively; bf16 asked for on a CPU without it (emulated, 23x
+    slower measured) trains, but says so in the log."""
+    cpu = torch.device('cpu')
+    for native in (True, False):
+        monkeypatch.setattr(common, 'cpu_has_bf16', lambda: native)
+        assert common.pick_precision('auto', cpu) == (torch.bfloat16 if native else None)
+        assert common.pick_precision('fp32', cpu) is None and common.pick_precision('bf16', cpu) == torch.bfloat16
+        out = tmp_path / str(native)
+        train(dcgan, faces, out, '--epochs', '1', '--precision', 'bf16')
+        assert ('warning: --precision bf16 on a CPU without native bf16' in (out / 'log.txt').read_text()) != native
+
+
 def test_resume_keeps_flags_and_refuses_overwrite(faces, tmp_path):
     out = tmp_path / 'run'
     train(dcgan, faces, out, '--epochs', '1', '--lr-g', '1e-3', '--deterministic', '--flip')
