@@ -1124,8 +1124,43 @@ def make_gif(grid_dir, path, max_frames=100, crop=None):
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=150, loop=0)
 
 
+COLOURS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2']
+
+
+def plot_curves(series, png_path, xlabel, ylabel='', size=(800, 450)):
+    """Lines drawn with PIL (no matplotlib dependency): series is a list of (name, xs, ys); NaNs are
+    skipped, the y range is the 1st-99th percentile of all values (so one spike does not flatten the
+    rest), and the names form a legend in the top-right corner."""
+    W, H, L, B, T, R = *size, 60, 40, 20, 20
+    xs = np.concatenate([np.asarray(x, float) for _, x, _ in series])
+    ys = np.concatenate([np.asarray(y, float) for _, _, y in series])
+    x0, x1 = np.nanmin(xs), np.nanmax(xs)
+    lo, hi = np.nanpercentile(ys, 1), np.nanpercentile(ys, 99)
+    lo, hi = (lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    im = Image.new('RGB', size, 'white')
+    d = ImageDraw.Draw(im)
+    px = lambda v: L + (v - x0) / max(x1 - x0, 1e-9) * (W - L - R)
+    py = lambda v: H - B - (min(max(v, lo), hi) - lo) / (hi - lo) * (H - B - T)
+    d.rectangle([L, T, W - R, H - B], outline='black')
+    for t in np.linspace(lo, hi, 5):
+        d.text((5, py(t) - 6), f'{t:.2f}' if hi - lo < 10 else f'{t:.0f}', fill='black')
+    for t in np.linspace(x0, x1, 5):
+        d.text((px(t) - 15, H - B + 5), f'{t:g}' if x1 - x0 < 10 else f'{int(t)}', fill='black')
+    for j, (name, x, y) in enumerate(series):
+        col = COLOURS[j % len(COLOURS)]
+        pts = [(px(a), py(b)) for a, b in zip(x, y) if np.isfinite(a) and np.isfinite(b)]
+        if len(pts) > 1:
+            d.line(pts, fill=col, width=2)
+        for a, b in pts:
+            d.ellipse([a - 2, b - 2, a + 2, b + 2], fill=col)
+        d.text((W - R - 8 - d.textlength(name), T + 6 + 14 * j), name, fill=col)
+    d.text((W // 2 - 3 * len(xlabel), H - 14), xlabel, fill='black')
+    d.text((5, 4), ylabel, fill='black')
+    im.save(png_path)
+
+
 def plot_losses(csv_path, png_path, size=(800, 450)):
-    """A loss-curve PNG drawn with PIL (no matplotlib dependency): one line per logged column."""
+    """The loss-curve PNG of a run: one line per logged column of its losses.csv against the step."""
     if not os.path.exists(csv_path):
         return
     with open(csv_path, newline='') as f:
@@ -1133,25 +1168,16 @@ def plot_losses(csv_path, png_path, size=(800, 450)):
     if len(rows) < 2:
         return
     head, data = rows[0], np.array([[float(v) if v else np.nan for v in r] for r in rows[1:] if r])
-    cols = [i for i, h in enumerate(head) if h not in ('step', 'epoch', 'img_per_s', 'fid')]
-    W, H, L, B, T, R = *size, 60, 40, 30, 20
-    x = data[:, 0]
-    ys = data[:, cols]
-    lo, hi = np.nanpercentile(ys, 1), np.nanpercentile(ys, 99)
-    lo, hi = (lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
-    im = Image.new('RGB', size, 'white')
-    d = ImageDraw.Draw(im)
-    px = lambda v: L + (v - x.min()) / max(x.max() - x.min(), 1e-9) * (W - L - R)
-    py = lambda v: H - B - (min(max(v, lo), hi) - lo) / (hi - lo) * (H - B - T)
-    d.rectangle([L, T, W - R, H - B], outline='black')
-    for t in np.linspace(lo, hi, 5):
-        d.text((5, py(t) - 6), f'{t:.2f}', fill='black')
-    for t in np.linspace(x.min(), x.max(), 5):
-        d.text((px(t) - 15, H - B + 5), f'{int(t)}', fill='black')
-    colours = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2']
-    for j, c in enumerate(cols):
-        col = colours[j % len(colours)]
-        d.line([(px(a), py(b)) for a, b in zip(x, data[:, c])], fill=col, width=2)
-        d.text((L + 10 + 110 * j, 4), head[c], fill=col)
-    d.text((W // 2 - 10, H - 14), 'step', fill='black')
-    im.save(png_path)
+    series = [(h, data[:, 0], data[:, i]) for i, h in enumerate(head)
+              if h not in ('step', 'epoch', 'img_per_s', 'fid')]
+    plot_curves(series, png_path, 'step', size=size)
+
+
+def plot_score_curves(csv_path, png_path, x='hours', y='fid', xlabel=None, ylabel=None, size=(800, 450)):
+    """One line per run from a CSV with a `run` column (results/fid_curve.csv): column y against x."""
+    with open(csv_path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    runs = list(dict.fromkeys(r['run'] for r in rows))
+    series = [(run, [float(r[x]) for r in rows if r['run'] == run], [float(r[y]) for r in rows if r['run'] == run])
+              for run in runs]
+    plot_curves(series, png_path, xlabel or x, ylabel or y, size=size)

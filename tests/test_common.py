@@ -146,6 +146,11 @@ def test_plot_and_gif(tmp_path):
     csv_path.write_text('step,epoch,loss_d,loss_g,img_per_s\n' + ''.join(f'{i},{i / 10},{1 / i},{i ** 0.5},100\n' for i in range(1, 30)))
     common.plot_losses(str(csv_path), str(tmp_path / 'c.png'))
     assert Image.open(tmp_path / 'c.png').size == (800, 450)
+    scores = tmp_path / 'fid_curve.csv'   # two runs, scored at different hours: one line each
+    scores.write_text('run,epoch,hours,fid\na,1,0.5,300\na,2,1.0,200\nb,1,0.2,250\nb,3,1.5,90\n')
+    common.plot_score_curves(str(scores), str(tmp_path / 'f.png'))
+    pixels = {tuple(p) for p in np.asarray(Image.open(tmp_path / 'f.png').convert('RGB')).reshape(-1, 3)}
+    assert {(0x1f, 0x77, 0xb4), (0xd6, 0x27, 0x28)} <= pixels and (0x2c, 0xa0, 0x2c) not in pixels
     for i in range(3):
         common.save_grid(torch.rand(4, 3, 8, 8) * 2 - 1, str(tmp_path / 'g' / f'{i}.png'), nrow=2)
     common.make_gif(str(tmp_path / 'g'), str(tmp_path / 'p.gif'))
