@@ -7,6 +7,11 @@ sees. Both players are trained to classify: D on real images by their labels and
 they were made from, G to make fakes that D reads as the labels asked for. The networks are the DCGAN of
 dcgan.py with the labels one-hot into G's input and the classifier heads beside D's real/fake output;
 Adam 2e-4 for both, betas (0.5, 0.999) as in the paper, fuzzy labels 0.9 / 0.1 as the reports' DCGAN.
+Flags as in dcgan.py, each measured in results/conditional.md:
+
+    --ema-kimg 10             sample from an exponential moving average of G's weights (Karras et al. 2018)
+    --diffaug translation,cutout   DiffAugment (Zhao et al. 2020) on every image D sees; leave out `color`
+                              here: D's heads must tell hair and eye colours, which it shifts
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
@@ -41,6 +46,7 @@ def get_args(argv=None):
     p.add_argument('--cls-weight', type=float, default=1.0, help='weight of the classification losses (default: %(default)s)')
     p.add_argument('--control-n', type=int, default=2000,
                    help='generated faces on which control.json measures D\'s heads at the end (default: %(default)s)')
+    common.add_ema_diffaug_args(p, ema_kimg=0.0)
     return common.parse_args(p, argv)
 
 
@@ -168,11 +174,20 @@ def train(args):
     D = run.prepare(Discriminator(args.ndf, G.n_classes))
     G.apply(init_weights)
     D.apply(init_weights)
+    G_ema = run.prepare(Generator(**model_args)) if args.ema_kimg else None
     betas = (args.beta1, args.beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=betas, foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, foreach=True)
     fixed = sample_inputs(model_args, 64, 'cpu', common.sample_rng(args.seed))
-    run.setup({'G': G, 'D': D}, {'G': opt_g, 'D': opt_d}, model_args, tuple(t.to(run.device) for t in fixed), sample_inputs)
+    models = {'G': G, 'D': D}
+    if G_ema is not None:   # a second copy of G whose weights trail G's: it samples, G trains
+        common.accumulate(G_ema, G, 0.0)
+        G_ema.eval().requires_grad_(False)
+        models['G_ema'] = G_ema
+    run.setup(models, {'G': opt_g, 'D': opt_d}, model_args, tuple(t.to(run.device) for t in fixed), sample_inputs,
+              sample_model='G_ema' if G_ema is not None else 'G')
+    ema_beta = common.ema_beta(args.batch_size, args.ema_kimg)
+    aug = lambda x: common.diff_augment(x, args.diffaug)   # identity without --diffaug; the labels stay
 
     B = args.batch_size // run.world
     for step, real, y_real in run.batches(images, labels):
@@ -181,8 +196,8 @@ def train(args):
         # (1) update D: maximize log D(x) + log(1 - D(G(z, y))) and classify real and fake faces by their labels
         with run.autocast():
             fake = G(z, y_fake)
-            real_logits, real_cls = D(real)
-            fake_logits, fake_cls = D(fake.detach())
+            real_logits, real_cls = D(aug(real))
+            fake_logits, fake_cls = D(aug(fake.detach()))
         loss_d = (d_adv_loss(real_logits.float(), fake_logits.float(), args.real_label, args.fake_label)
                   + args.cls_weight * (cls_loss(real_cls, y_real) + cls_loss(fake_cls, y_fake)))
         opt_d.zero_grad(set_to_none=True)
@@ -192,19 +207,21 @@ def train(args):
         # (2) update G: maximize log D(G(z, y)) and make D read y in G(z, y)
         D.requires_grad_(False)
         with run.autocast():
-            gen_logits, gen_cls = D(fake)
+            gen_logits, gen_cls = D(aug(fake))
         loss_g = g_adv_loss(gen_logits.float(), args.real_label) + args.cls_weight * cls_loss(gen_cls, y_fake)
         opt_g.zero_grad(set_to_none=True)
         run.backward(loss_g, 'G')
         run.step('G')
         D.requires_grad_(True)
+        if G_ema is not None:
+            common.accumulate(G_ema, G, ema_beta)
 
         run.track(loss_d=loss_d, loss_g=loss_g, d_real=torch.sigmoid(real_logits.float()).mean(),
                   d_fake=torch.sigmoid(fake_logits.float()).mean(),
                   acc_real=accuracy(real_cls, y_real), acc_fake=accuracy(gen_cls, y_fake))
     run.finish()
     if run.main and args.control_n:
-        control = control_accuracy(G, D, model_args, args.control_n, run.device, args.seed + 3)
+        control = control_accuracy(G_ema if G_ema is not None else G, D, model_args, args.control_n, run.device, args.seed + 3)
         run.write_json('control.json', {'step': run.global_step, 'n': args.control_n, 'd_heads_on_generated': control})
         run.log('control (D\'s heads read the asked-for class on generated faces): '
                 + ', '.join(f'{a} {v:.1%}' for a, v in control.items()))

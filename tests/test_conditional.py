@@ -140,6 +140,28 @@ def test_resume_equals_uninterrupted(module, faces, tmp_path):
     assert_same_state(straight, resumed)
 
 
+def test_acgan_ema_and_diffaug(faces, tmp_path, monkeypatch):
+    """--ema-kimg --diffaug: the EMA G samples, is exported and is what control.json measures; resume stays exact."""
+    measured = []   # the generator weights control_accuracy was given at the end of each run
+    real_control = acgan.control_accuracy
+    def spy(G, *a, **k):
+        measured.append(G.state_dict()['net.0.weight'].detach().cpu().clone())
+        return real_control(G, *a, **k)
+    monkeypatch.setattr(acgan, 'control_accuracy', spy)
+    flags = ['--ema-kimg', '0.02', '--diffaug', 'translation,cutout']
+    straight = train(acgan, faces, LABELS, tmp_path / 'a', '--epochs', '2', *flags)
+    assert straight['sample_model'] == 'G_ema' and set(straight['models']) == {'G', 'D', 'G_ema'}
+    G, G_ema = (straight['models'][k] for k in ('G', 'G_ema'))
+    assert not torch.equal(G['net.0.weight'], G_ema['net.0.weight'])        # it trails G
+    assert torch.equal(measured[0], G_ema['net.0.weight'])                  # control.json reads the EMA G
+    assert os.path.isfile(tmp_path / 'a' / 'control.json')
+    exported, _ = common.load_generator(common.generator_checkpoint(straight))
+    assert torch.equal(exported.state_dict()['net.0.weight'], G_ema['net.0.weight'])
+    train(acgan, faces, LABELS, tmp_path / 'b', '--epochs', '1', *flags)
+    resumed = train(acgan, faces, LABELS, tmp_path / 'b', '--epochs', '2', '--resume')
+    assert_same_state(straight, resumed)
+
+
 def test_gradient_penalty_closed_form():
     """For a linear critic D(x) = <w, x> the gradient is w everywhere: the penalty is (||w|| - 1)^2, with the
     norm over the whole sample (a per-channel norm, a known bug, gives another number)."""
