@@ -6,7 +6,11 @@ sigmoid and no BatchNorm (the penalty is per sample, and BatchNorm would couple 
 it gives an unbounded score plus one classifier head per attribute. The critic takes --n-critic steps
 per G step; its loss is E[D(fake)] - E[D(real)] + lambda * E[(||grad D(x_hat)||_2 - 1)^2] on points x_hat
 drawn uniformly between pairs of real and fake faces (one mixing coefficient per sample), with lambda = 10
-and Adam 1e-4, betas (0.5, 0.9) as in the paper.
+and Adam 1e-4, betas (0.5, 0.9) as in the paper. Flags as in acgan.py, each measured in results/conditional.md:
+
+    --ema-kimg 10             sample from an exponential moving average of G's weights, updated at each G step
+    --diffaug translation,cutout   DiffAugment on every image the critic sees, the penalty's interpolates made
+                              between augmented faces; leave out `color`: the heads must tell colours apart
 
     python wacgan_gp.py --data faces/ --labels labels.csv --epochs 50
     python wacgan_gp.py --out runs/wacgan_gp --resume
@@ -43,6 +47,7 @@ def get_args(argv=None):
     p.add_argument('--cls-weight', type=float, default=1.0, help='weight of the classification losses (default: %(default)s)')
     p.add_argument('--control-n', type=int, default=2000,
                    help='generated faces on which control.json measures the critic\'s heads at the end (default: %(default)s)')
+    common.add_ema_diffaug_args(p, ema_kimg=0.0)
     args = common.parse_args(p, argv)
     if args.n_critic < 1:
         p.error(f'--n-critic must be >= 1, got {args.n_critic}')
@@ -188,10 +193,19 @@ def train(args):
     D = run.prepare(Critic(args.ndf, G.n_classes), compilable=False)   # GP: double backward
     G.apply(init_weights)
     D.apply(init_weights)
+    G_ema = run.prepare(Generator(**model_args)) if args.ema_kimg else None
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), foreach=True)
     fixed = sample_inputs(model_args, 64, 'cpu', common.sample_rng(args.seed))
-    run.setup({'G': G, 'D': D}, {'G': opt_g, 'D': opt_d}, model_args, tuple(t.to(run.device) for t in fixed), sample_inputs)
+    models = {'G': G, 'D': D}
+    if G_ema is not None:   # a second copy of G whose weights trail G's: it samples, G trains
+        common.accumulate(G_ema, G, 0.0)
+        G_ema.eval().requires_grad_(False)
+        models['G_ema'] = G_ema
+    run.setup(models, {'G': opt_g, 'D': opt_d}, model_args, tuple(t.to(run.device) for t in fixed), sample_inputs,
+              sample_model='G_ema' if G_ema is not None else 'G')
+    ema_beta = common.ema_beta(args.batch_size, args.ema_kimg)   # per G step: the half-life counts G's images
+    aug = lambda x: common.diff_augment(x, args.diffaug)   # identity without --diffaug; the labels stay
 
     B = args.batch_size // run.world
     loss_g = acc_gen = torch.zeros((), device=run.device)   # reported between G steps
@@ -200,11 +214,11 @@ def train(args):
 
         # (1) update the critic: maximize D(real) - D(fake) under the gradient penalty, and classify
         with run.autocast():
-            fake = G(z, y_fake).detach()
+            real, fake = aug(real), aug(G(z, y_fake).detach())   # the critic only ever sees augmented faces
             real_score, real_cls = D(real)
             fake_score, fake_cls = D(fake)
         # fp32 by default: a penalty on a gradient is the sensitive quantity of this loss
-        gp = gradient_penalty(D, interpolates(real, fake.float()), run.autocast() if args.gp_precision == 'same' else None)
+        gp = gradient_penalty(D, interpolates(real.float(), fake.float()), run.autocast() if args.gp_precision == 'same' else None)
         loss_d = (critic_loss(real_score.float(), fake_score.float()) + args.gp_weight * gp
                   + args.cls_weight * (cls_loss(real_cls, y_real) + cls_loss(fake_cls, y_fake)))
         opt_d.zero_grad(set_to_none=True)
@@ -215,19 +229,21 @@ def train(args):
         if step % args.n_critic == args.n_critic - 1:
             D.requires_grad_(False)
             with run.autocast():
-                gen_score, gen_cls = D(G(z, y_fake))
+                gen_score, gen_cls = D(aug(G(z, y_fake)))
             loss_g = g_wgan_loss(gen_score.float()) + args.cls_weight * cls_loss(gen_cls, y_fake)
             opt_g.zero_grad(set_to_none=True)
             run.backward(loss_g, 'G')
             run.step('G')
             D.requires_grad_(True)
+            if G_ema is not None:
+                common.accumulate(G_ema, G, ema_beta)
             acc_gen = accuracy(gen_cls, y_fake)
 
         run.track(loss_d=loss_d, loss_g=loss_g, w_dist=real_score.float().mean() - fake_score.float().mean(), gp=gp,
                   acc_real=accuracy(real_cls, y_real), acc_fake=acc_gen)
     run.finish()
     if run.main and args.control_n:
-        control = control_accuracy(G, D, model_args, args.control_n, run.device, args.seed + 3)
+        control = control_accuracy(G_ema if G_ema is not None else G, D, model_args, args.control_n, run.device, args.seed + 3)
         run.write_json('control.json', {'step': run.global_step, 'n': args.control_n, 'd_heads_on_generated': control})
         run.log('control (the critic\'s heads read the asked-for class on generated faces): '
                 + ', '.join(f'{a} {v:.1%}' for a, v in control.items()))

@@ -140,16 +140,19 @@ def test_resume_equals_uninterrupted(module, faces, tmp_path):
     assert_same_state(straight, resumed)
 
 
-def test_acgan_ema_and_diffaug(faces, tmp_path, monkeypatch):
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_ema_and_diffaug(module, faces, tmp_path, monkeypatch):
     """--ema-kimg --diffaug: the EMA G samples, is exported and is what control.json measures; resume stays exact."""
     measured = []   # the generator weights control_accuracy was given at the end of each run
-    real_control = acgan.control_accuracy
+    real_control = module.control_accuracy
     def spy(G, *a, **k):
         measured.append(G.state_dict()['net.0.weight'].detach().cpu().clone())
         return real_control(G, *a, **k)
-    monkeypatch.setattr(acgan, 'control_accuracy', spy)
+    monkeypatch.setattr(module, 'control_accuracy', spy)
     flags = ['--ema-kimg', '0.02', '--diffaug', 'translation,cutout']
-    straight = train(acgan, faces, LABELS, tmp_path / 'a', '--epochs', '2', *flags)
+    if module is wacgan_gp:
+        flags += ['--n-critic', '2']   # so that G steps (and the EMA moves) within the tiny run's few batches
+    straight = train(module, faces, LABELS, tmp_path / 'a', '--epochs', '2', *flags)
     assert straight['sample_model'] == 'G_ema' and set(straight['models']) == {'G', 'D', 'G_ema'}
     G, G_ema = (straight['models'][k] for k in ('G', 'G_ema'))
     assert not torch.equal(G['net.0.weight'], G_ema['net.0.weight'])        # it trails G
@@ -157,8 +160,8 @@ def test_acgan_ema_and_diffaug(faces, tmp_path, monkeypatch):
     assert os.path.isfile(tmp_path / 'a' / 'control.json')
     exported, _ = common.load_generator(common.generator_checkpoint(straight))
     assert torch.equal(exported.state_dict()['net.0.weight'], G_ema['net.0.weight'])
-    train(acgan, faces, LABELS, tmp_path / 'b', '--epochs', '1', *flags)
-    resumed = train(acgan, faces, LABELS, tmp_path / 'b', '--epochs', '2', '--resume')
+    train(module, faces, LABELS, tmp_path / 'b', '--epochs', '1', *flags)
+    resumed = train(module, faces, LABELS, tmp_path / 'b', '--epochs', '2', '--resume')
     assert_same_state(straight, resumed)
 
 
