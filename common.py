@@ -440,6 +440,13 @@ def accumulate(ema, model, beta):
         be.copy_(bm)
 
 
+def ema_copy(model, copy):
+    """Make `copy` (a new instance of model's class) the EMA of `model`: its weights to start, eval mode, no
+    gradients. The copy samples, `model` trains; accumulate(copy, model, beta) after each of model's steps."""
+    accumulate(copy, model, 0.0)
+    return copy.eval().requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Labels: CSV `file,attr1,attr2,...` joined to the images by file name
 

@@ -137,16 +137,15 @@ def train(args):
     D = run.prepare(Discriminator(args.ndf, sn=args.sn))
     G.apply(init_weights)
     D.apply(init_weights)
-    G_ema = run.prepare(Generator(**model_args)) if args.ema_kimg else None
+    # a second copy of G whose weights trail G's: it samples, G trains
+    G_ema = common.ema_copy(G, run.prepare(Generator(**model_args))) if args.ema_kimg else None
     betas = (args.beta1, args.beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=betas, foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, foreach=True)
     # the fixed z of the progress grids: its own generator, so it does not shift the training noise
     fixed_z = sample_inputs(model_args, 64, 'cpu', common.sample_rng(args.seed))[0].to(run.device)
     models = {'G': G, 'D': D}
-    if G_ema is not None:   # a second copy of G whose weights trail G's: it samples, G trains
-        common.accumulate(G_ema, G, 0.0)
-        G_ema.eval().requires_grad_(False)
+    if G_ema is not None:
         models['G_ema'] = G_ema
     run.setup(models, {'G': opt_g, 'D': opt_d}, model_args, (fixed_z,), sample_inputs,
               sample_model='G_ema' if G_ema is not None else 'G')

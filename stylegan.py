@@ -311,8 +311,7 @@ def train(args):
                       ch_max=args.ch_max, style=args.style)
     G, G_ema = run.prepare(Generator(**model_args)), run.prepare(Generator(**model_args))
     D = run.prepare(Discriminator(args.image_size, args.ch_base, args.ch_max), compilable=False)   # R1: double backward
-    common.accumulate(G_ema, G, 0.0)
-    G_ema.eval().requires_grad_(False)
+    common.ema_copy(G, G_ema)   # G_ema samples, G trains
     # lazy regularisation: D's R1 step comes every r1_every steps, so its Adam is rescaled (StyleGAN2 App. B)
     c = args.r1_every / (args.r1_every + 1)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99), foreach=True)
