@@ -269,7 +269,7 @@ def colour_oracle(path, vocab):
 
 def test_label_score_reads_control(toy_run, tmp_path):
     """label.py score on a conditional generator: the classifier compares every face with its labels."""
-    data, csv, gen = toy_run(acgan)
+    data, _, gen = toy_run(acgan)
     oracle = colour_oracle(str(tmp_path / 'oracle.pt'), ['blue', 'red'])
     label.main(['predict', '--ckpt', oracle, '--data', data, '--out', str(tmp_path / 'read.csv')])
     read = [row.split(',')[:2] for row in open(tmp_path / 'read.csv').read().split()[1:]]
