@@ -397,6 +397,8 @@ def main(argv=None):
     p.add_argument('--out', metavar='DIR', help='write metrics.json (and the --nearest grids) here')
     p.add_argument('--cache', metavar='DIR', help='cache the features of image inputs here, reused while the images are the same')
     args = p.parse_args(argv)
+    if hasattr(sys.stdout, 'reconfigure'):  # progress reaches a log file as it happens (nohup ... > log)
+        sys.stdout.reconfigure(line_buffering=True)
     if not args.save_stats and not args.b:
         p.error('give two inputs to compare, or one with --save-stats OUT.npz')
     args.novelty = args.novelty or args.nearest > 0
