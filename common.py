@@ -433,11 +433,35 @@ def ema_beta(batch_size, ema_kimg):
 
 @torch.no_grad()
 def accumulate(ema, model, beta):
-    """ema = beta * ema + (1 - beta) * model, for parameters; buffers (w_avg, noise) are copied."""
+    """ema = beta * ema + (1 - beta) * model, for parameters; buffers (w_avg, noise) are copied. BatchNorm
+    statistics copied from `model` belong to other weights: Run.sampler() recomputes them before ema samples."""
     for pe, pm in zip(ema.parameters(), model.parameters()):
         pe.lerp_(pm, 1 - beta)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
+
+
+@torch.no_grad()
+def standing_stats(G, sample_inputs, model_args, batch_size, batches=16, seed=0):
+    """Recompute G's BatchNorm running statistics under G's own weights: the average of the batch statistics
+    of `batches` train-mode forward passes of `batch_size` samples (BigGAN's "standing statistics"). An EMA
+    generator needs them: its weights average G's over thousands of images, while the running statistics
+    it would sample with are G's latest. The inputs come from their own stream (global RNG untouched).
+    Returns G in eval mode; a generator without BatchNorm is returned as it is."""
+    bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return G
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None   # a cumulative average over the batches below, not a moving one
+    G.train()
+    device, g = next(G.parameters()).device, sample_rng(seed)
+    for _ in range(batches):
+        G(*(t.to(device) for t in sample_inputs(model_args, batch_size, 'cpu', g)))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return G.eval()
 
 
 def ema_copy(model, copy):
@@ -772,6 +796,7 @@ class Run:
                      'step was 23x slower than fp32 on an AVX2 EPYC; --precision auto picks fp32 on such a CPU')
         self._stop_signal = None
         self._fid, self._extractor = None, None
+        self._standing_step = None
         self.models, self.optims, self.scalers = {}, {}, {}
         self._resume_ckpt = None
 
@@ -882,6 +907,7 @@ class Run:
                 json.dump(vars(self.args), f, indent=2)
 
     def checkpoint(self):
+        self.sampler()   # the saved EMA generator carries its own BatchNorm statistics
         rng = {'cpu': torch.get_rng_state()}
         if self.device.type == 'cuda':
             rng['cuda'] = torch.cuda.get_rng_state(self.device)
@@ -1044,7 +1070,7 @@ class Run:
         if self._extractor is None:
             self._extractor = fid.Extractor('fid').to(self.device)
         t = time.time()
-        batches = (fid.as_uint8(x) for x in sample_batches(self.models[self.sample_model], self.sample_inputs,
+        batches = (fid.as_uint8(x) for x in sample_batches(self.sampler(), self.sample_inputs,
                                                             self.model_args, self.args.fid_n, self.device, self.args.seed + 2))
         feats = fid.extract(self._extractor, batches, self.args.fid_n, self.device, log=lambda m: None)
         _, mu, sigma, _ = fid.features_of(self.args.fid_stats, self._extractor, None)
@@ -1053,9 +1079,17 @@ class Run:
                  f'{time.time() - t:.0f}s)')
 
     # -- outputs ------------------------------------------------------------------------------------
-    def grid(self):
+    def sampler(self):
+        """The model that samples. Where that is an EMA copy (a model without an optimiser), its BatchNorm
+        statistics are first recomputed under its own weights, once per step (standing_stats)."""
         G = self.models[self.sample_model]
-        save_grid(generate(G, self.fixed), os.path.join(self.out, 'grids', f'step_{self.global_step:08d}.png'))
+        if self.sample_model not in self.optims and self._standing_step != self.global_step:
+            standing_stats(G, self.sample_inputs, self.model_args, self.args.batch_size // self.world, seed=self.args.seed)
+            self._standing_step = self.global_step
+        return G
+
+    def grid(self):
+        save_grid(generate(self.sampler(), self.fixed), os.path.join(self.out, 'grids', f'step_{self.global_step:08d}.png'))
 
     def snapshot(self):
         name = f'epoch{round(self.global_step / self.steps_per_epoch):04d}.pt'
@@ -1068,7 +1102,7 @@ class Run:
     def checkpoint_light(self):
         return {'format': CKPT_FORMAT, 'script': self.script, 'model_args': self.model_args, 'args': vars(self.args),
                 'step': self.global_step, 'epoch': self.global_step / self.steps_per_epoch, 'sample_model': self.sample_model,
-                'models': {self.sample_model: self.models[self.sample_model].state_dict()},
+                'models': {self.sample_model: self.sampler().state_dict()},
                 'fixed': [t.cpu() for t in self.fixed], 'versions': {'torch': str(torch.__version__)}}
 
     def write_json(self, name, obj):
@@ -1087,11 +1121,11 @@ class Run:
         self.plots()
         if self.main and self.args.n_samples:
             folder = os.path.join(self.out, 'samples')
-            write_samples(self.models[self.sample_model], self.sample_inputs, self.model_args,
+            write_samples(self.sampler(), self.sample_inputs, self.model_args,
                           self.args.n_samples, folder, self.device, self.args.seed + 1)
             self.log(f'wrote {self.args.n_samples} samples to {folder}')
         if self.main and 'vocab' in self.model_args:
-            attribute_grids(self.models[self.sample_model], self.sample_inputs, self.model_args, self.out,
+            attribute_grids(self.sampler(), self.sample_inputs, self.model_args, self.out,
                             self.device, self.args.seed + 1)
         self.log(f'done: {self.out} (checkpoint, grids/, progress.gif, loss_curve.png, losses.csv)')
         if self.world > 1:

@@ -108,10 +108,51 @@ def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
     G, G_ema = (straight['models'][k] for k in ('G', 'G_ema'))
     w = 'net.0.weight'
     assert not torch.equal(G[w], G_ema[w])                          # it trails G ...
-    assert torch.equal(G['net.1.running_mean'], G_ema['net.1.running_mean'])   # ... BN statistics are copied
+    # ... and samples with BatchNorm statistics of its own weights, not G's
+    assert not torch.equal(G['net.1.running_var'], G_ema['net.1.running_var'])
+    own = module.Generator(**straight['model_args'])
+    own.load_state_dict(G_ema)
+    common.standing_stats(own, module.sample_inputs, straight['model_args'], batch_size=8, seed=0)
+    for k, v in own.state_dict().items():
+        assert torch.allclose(v, G_ema[k], rtol=1e-4, atol=1e-6), k
     assert not any('running_mean' in k for k in straight['models']['D'])       # --sn: no BatchNorm in D
     exported, _ = common.load_generator(common.generator_checkpoint(straight))
     assert torch.equal(exported.state_dict()[w], G_ema[w])           # the export is the EMA generator
+
+
+def test_standing_stats_are_the_mean_batch_statistics():
+    """standing_stats: each BatchNorm's running mean/var become the average over the batches of that layer's
+    batch mean/unbiased variance in train mode; weights, momentum and the global RNG are left as they were."""
+    torch.manual_seed(0)
+    G = dcgan.Generator(z_dim=16, ngf=4)
+    G.apply(dcgan.init_weights)
+    ref = dcgan.Generator(z_dim=16, ngf=4)
+    ref.load_state_dict(G.state_dict())
+    seen = {}   # BN name -> list of (batch mean, batch unbiased var), recorded on a copy
+    def hook(name):
+        def f(m, inp, out):
+            x = inp[0].transpose(0, 1).flatten(1)
+            seen.setdefault(name, []).append((x.mean(1), x.var(1)))
+        return f
+    bns = {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for n, m in bns.items():
+        m.register_forward_hook(hook(n))
+    ref.train()
+    g = common.sample_rng(3)
+    with torch.no_grad():
+        for _ in range(5):
+            ref(*dcgan.sample_inputs({'z_dim': 16}, 6, 'cpu', g))
+    weights, rng = {k: v.clone() for k, v in G.named_parameters()}, torch.get_rng_state()
+    out = common.standing_stats(G, dcgan.sample_inputs, {'z_dim': 16}, batch_size=6, batches=5, seed=3)
+    assert out is G and not G.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, weights[k]) for k, v in G.named_parameters())
+    for n, m in G.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            means, vars_ = zip(*seen[n])
+            assert torch.allclose(m.running_mean, torch.stack(means).mean(0), atol=1e-5), n
+            assert torch.allclose(m.running_var, torch.stack(vars_).mean(0), rtol=1e-4, atol=1e-6), n
+            assert m.momentum == 0.1
+    assert len(seen) == 4
 
 
 def test_ema_accumulate():
