@@ -20,7 +20,7 @@ HAND_LABELS = os.path.join(SHARED, 'data', 'hand-labels-384.csv')
 
 def test_generators_are_committed():
     names = {os.path.basename(p) for p in GENERATORS}
-    assert {'dcgan_G.pt', 'stylegan_G.pt', 'acgan_G.pt', 'wacgan_gp_G.pt'} <= names, names
+    assert {'dcgan_G.pt', 'lsgan_G.pt', 'stylegan_G.pt', 'acgan_G.pt', 'wacgan_gp_G.pt'} <= names, names
 
 
 @pytest.mark.parametrize('path', GENERATORS, ids=os.path.basename)
