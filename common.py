@@ -84,6 +84,9 @@ def base_parser(script, doc, epochs, batch_size):
     a('--keep-checkpoints', action='store_true',
       help='with each snapshot also keep the full checkpoint (G, D, optimisers) as snapshots/ckpt_epochNNNN.pt, so a '
       'run that collapses can go on from before: copy one over <out>/ckpt.pt and --resume (default: off)')
+    a('--lr-halve-at', default='', metavar='EPOCHS',
+      help='comma list of epochs at which every learning rate is halved, e.g. 28,44 (the step decay of the shipped '
+      'DCGAN and LSGAN, results/README.md); a resumed run applies the halvings it has passed (default: none)')
     a('--fid-every', type=int, default=0, metavar='EPOCHS',
       help='score G with FID every this many epochs (needs --fid-stats), logged to losses.csv; 0 = off (default: %(default)s)')
     a('--fid-stats', default=None, help='statistics .npz of the real data, from `python fid.py DATA --save-stats OUT.npz`')
@@ -130,6 +133,12 @@ def parse_args(parser, argv=None):
             parser.error(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
     if min(args.n_samples, args.sample, args.snapshot_every, args.fid_every) < 0:
         parser.error('--n-samples, --sample, --snapshot-every and --fid-every must be >= 0')
+    try:
+        halve_at = lr_halvings(args.lr_halve_at)
+    except ValueError:
+        halve_at = [0]
+    if min(halve_at, default=1) <= 0:
+        parser.error(f'--lr-halve-at: expected a comma list of positive epochs such as 28,44, got {args.lr_halve_at!r}')
     bad = set(filter(None, getattr(args, 'diffaug', '').split(','))) - set(AUGMENTS)
     if bad:
         parser.error(f'--diffaug: unknown {",".join(sorted(bad))}; choose from {",".join(AUGMENTS)}')
@@ -139,6 +148,11 @@ def parse_args(parser, argv=None):
         parser.error(f'--fid-every needs --fid-stats FILE.npz (got {args.fid_stats}); make it with '
                      f'`python fid.py DATA --save-stats FILE.npz`')
     return args
+
+
+def lr_halvings(spec):
+    """'28,44' -> [28, 44]: the epochs of --lr-halve-at."""
+    return sorted(int(e) for e in spec.split(',') if e.strip())
 
 
 def main_guard(fn, argv=None):
@@ -864,10 +878,14 @@ class Run:
         if self.dtype == torch.float16:
             self.scalers = {k: torch.amp.GradScaler('cuda') for k in optims}
         self.start_step = 0
+        # --lr-halve-at: the learning rates the optimisers were built with, from this invocation's flags
+        self.base_lr = {k: [g['lr'] for g in o.param_groups] for k, o in optims.items()}
+        self.halve_at = lr_halvings(self.args.lr_halve_at)
         if self.args.resume:
             ckpt = self.resume_checkpoint()
             if ckpt['script'] != self.script:
                 fail(f'{self.ckpt_path} was written by {ckpt["script"]}.py, not {self.script}.py')
+            self.set_lr(ckpt['epoch'])   # the halvings the run has passed, before the saved state is compared
             for k, m in models.items():
                 m.load_state_dict(ckpt['models'][k])
             for k, o in optims.items():
@@ -905,6 +923,13 @@ class Run:
         if self.main:   # the flags of this invocation (a resume may have changed --epochs, say)
             with open(os.path.join(self.out, 'args.json'), 'w') as f:
                 json.dump(vars(self.args), f, indent=2)
+
+    def set_lr(self, epoch):
+        """Every learning rate = its flag's value / 2 per --lr-halve-at epoch passed by `epoch`."""
+        f = 0.5 ** sum(epoch >= e for e in self.halve_at)
+        for k, o in self.optims.items():
+            for g, lr in zip(o.param_groups, self.base_lr[k]):
+                g['lr'] = lr * f
 
     def checkpoint(self):
         self.sampler()   # the saved EMA generator carries its own BatchNorm statistics
@@ -995,6 +1020,10 @@ class Run:
             yield (self.global_step, x) if y is None else (self.global_step, x, y)
             self.global_step += 1
             s = self.global_step
+            if s % spe == 0 and s // spe in self.halve_at:
+                self.set_lr(s // spe)
+                self.log(f'epoch {s // spe}: learning rates halved (--lr-halve-at) to ' + ', '.join(
+                    f'{k} {o.param_groups[0]["lr"]:g}' for k, o in self.optims.items()))
             fid_due = a.fid_every and s % (a.fid_every * spe) == 0
             if fid_due:
                 self.score_fid()

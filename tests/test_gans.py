@@ -96,6 +96,34 @@ def test_resume_applies_changed_learning_rate(faces, tmp_path):
     assert 'resume: G optimiser lr 0.0002 -> 0.0001' in open(tmp_path / 'log.txt').read()
 
 
+def test_lr_halve_at_schedule_and_resume(faces, tmp_path):
+    """--lr-halve-at 1,2: both learning rates halve at the start of epochs 1 and 2 (2 steps per epoch); a run
+    stopped at epoch 1 and resumed equals the uninterrupted one, and the resumed optimisers carry the
+    halving it had passed, not the flags' values."""
+    flags = ['--lr-g', '4e-4', '--lr-d', '2e-4', '--lr-halve-at', '2,1']
+    straight = train(dcgan, faces, tmp_path / 'a', '--epochs', '3', *flags)
+    lrs = lambda ckpt: [ckpt['optims'][k]['param_groups'][0]['lr'] for k in ('G', 'D')]
+    assert lrs(straight) == [1e-4, 5e-5]
+    log = open(tmp_path / 'a' / 'log.txt').read()
+    assert 'epoch 1: learning rates halved (--lr-halve-at) to G 0.0002, D 0.0001' in log
+    assert 'epoch 2: learning rates halved (--lr-halve-at) to G 0.0001, D 5e-05' in log
+    stopped = train(dcgan, faces, tmp_path / 'b', '--epochs', '1', *flags)
+    assert lrs(stopped) == [2e-4, 1e-4]                        # saved at step 2: epoch 1's halving is in
+    resumed = train(dcgan, faces, tmp_path / 'b', '--epochs', '3', '--resume')
+    assert 'resume: G optimiser' not in open(tmp_path / 'b' / 'log.txt').read()   # nothing changed by hand
+    assert_same_state(straight, resumed)
+    assert lrs(resumed) == [1e-4, 5e-5]
+    # the flag trains as a decay by hand does (stop at epoch 1, `--resume --lr-g X/2 --lr-d Y/2`)
+    one = train(dcgan, faces, tmp_path / 'd', '--epochs', '2', *flags[:4], '--lr-halve-at', '1')
+    train(dcgan, faces, tmp_path / 'e', '--epochs', '1', *flags[:4])
+    by_hand = train(dcgan, faces, tmp_path / 'e', '--epochs', '2', '--resume', '--lr-g', '2e-4', '--lr-d', '1e-4')
+    assert_same_state(one, by_hand)
+    # without the flag nothing changes
+    assert lrs(train(dcgan, faces, tmp_path / 'c', '--epochs', '3', '--lr-g', '4e-4', '--lr-d', '2e-4')) == [4e-4, 2e-4]
+    with pytest.raises(SystemExit):
+        dcgan.get_args(['--lr-halve-at', '0,5'])
+
+
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
     """--sn --ema-kimg --diffaug (and --loss hinge): EMA G samples and is checkpointed; resume stays exact."""
