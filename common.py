@@ -134,10 +134,10 @@ def parse_args(parser, argv=None):
     if min(args.n_samples, args.sample, args.snapshot_every, args.fid_every) < 0:
         parser.error('--n-samples, --sample, --snapshot-every and --fid-every must be >= 0')
     try:
-        halve_at = lr_halvings(args.lr_halve_at)
+        ok = all(e > 0 for e in lr_halvings(args.lr_halve_at))
     except ValueError:
-        halve_at = [0]
-    if min(halve_at, default=1) <= 0:
+        ok = False
+    if not ok:
         parser.error(f'--lr-halve-at: expected a comma list of positive epochs such as 28,44, got {args.lr_halve_at!r}')
     bad = set(filter(None, getattr(args, 'diffaug', '').split(','))) - set(AUGMENTS)
     if bad:
