@@ -220,10 +220,19 @@ def setup_distributed(device_name):
         if device.type == 'cuda':
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    if device.type == 'cpu':   # share the physical cores between the processes on this machine
-        local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-        torch.set_num_threads(max(1, physical_cores() // local_world))
+    if device.type == 'cpu':
+        set_cpu_threads(int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     return rank, world, device
+
+
+def set_cpu_threads(local_world=1):
+    """Torch's CPU threads: the physical cores shared between this machine's processes, or, for one process,
+    OMP_NUM_THREADS where the user set it (say 1, to score snapshots beside a training run without the two
+    fighting over the cores). torchrun sets OMP_NUM_THREADS=1 for its processes itself, so DDP divides the cores."""
+    env = os.environ.get('OMP_NUM_THREADS', '')
+    n = int(env) if local_world == 1 and env.isdigit() and int(env) > 0 else max(1, physical_cores() // local_world)
+    torch.set_num_threads(n)
+    return n
 
 
 def physical_cores():

@@ -410,7 +410,7 @@ def main(argv=None):
         p.error('--heldout-frac must be in (0, 1), --pr-k >= 1 and --nearest >= 0')
     args.device = common.pick_device(args.device)
     if args.device.type == 'cpu':
-        torch.set_num_threads(common.physical_cores())
+        common.set_cpu_threads()
     for src in [args.a] + ([args.b] if args.b else []):
         if not os.path.exists(src):
             common.fail(f'{src}: no such file or folder')

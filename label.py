@@ -358,7 +358,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    torch.set_num_threads(common.physical_cores())
+    common.set_cpu_threads()
     return {'train': train, 'predict': predict, 'score': score}[args.cmd](args)
 
 

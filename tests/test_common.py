@@ -169,3 +169,18 @@ def test_diffaugment():
     assert moved.shape == x.shape and not torch.equal(moved, x)
     common.diff_augment(x, 'color,translation,cutout').sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_set_cpu_threads_respects_omp_num_threads_for_one_process(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(common, 'physical_cores', lambda: 8)
+    try:
+        monkeypatch.setenv('OMP_NUM_THREADS', '1')
+        assert common.set_cpu_threads() == 1 == torch.get_num_threads()   # the user shares the machine
+        assert common.set_cpu_threads(local_world=4) == 2                  # DDP: torchrun's 1 is its own default
+        monkeypatch.setenv('OMP_NUM_THREADS', 'lots')
+        assert common.set_cpu_threads() == 8 == torch.get_num_threads()
+        monkeypatch.delenv('OMP_NUM_THREADS')
+        assert common.set_cpu_threads() == 8 and common.set_cpu_threads(local_world=16) == 1
+    finally:
+        torch.set_num_threads(before)
