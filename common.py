@@ -1204,7 +1204,7 @@ def make_gif(grid_dir, path, max_frames=100, crop=None):
 
 
 COLOURS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#17becf', '#bcbd22',
-           '#000000', '#8b4513', '#ff1493', '#006400', '#4b0082', '#daa520']  # tab10, then black, brown, pink, dark green, indigo, gold
+           '#000000', '#8b4513', '#ff1493', '#006400', '#4b0082', '#daa520', '#800000']  # tab10, then black, brown, pink, dark green, indigo, gold, maroon
 
 
 def plot_curves(series, png_path, xlabel, ylabel='', size=(800, 450)):
