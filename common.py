@@ -15,6 +15,7 @@ A script also exposes `Generator(**model_args)` and `sample_inputs(model_args, n
 so that `--sample`, fid.py and the tests rebuild a generator from a checkpoint file alone.
 """
 import argparse
+import colorsys
 import csv
 import hashlib
 import importlib
@@ -1207,6 +1208,15 @@ COLOURS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e
            '#000000', '#8b4513', '#ff1493', '#006400', '#4b0082', '#daa520', '#800000']  # tab10, then black, brown, pink, dark green, indigo, gold, maroon
 
 
+def colour(j):
+    """Colour of the j-th line: the named palette above first (results/README.md calls lines by these
+    names), then hues a golden angle apart, so each new series gets a distinct colour without an edit here."""
+    if j < len(COLOURS):
+        return COLOURS[j]
+    rgb = colorsys.hsv_to_rgb((0.05 + 0.381966 * (j - len(COLOURS))) % 1.0, 0.9, 0.7)
+    return '#' + ''.join(f'{round(255 * c):02x}' for c in rgb)
+
+
 def plot_curves(series, png_path, xlabel, ylabel='', size=(800, 450)):
     """Lines drawn with PIL (no matplotlib dependency): series is a list of (name, xs, ys); NaNs are
     skipped, the y range is the 1st-99th percentile of all values (so one spike does not flatten the
@@ -1227,7 +1237,7 @@ def plot_curves(series, png_path, xlabel, ylabel='', size=(800, 450)):
     for t in np.linspace(x0, x1, 5):
         d.text((px(t) - 15, H - B + 5), f'{t:g}' if x1 - x0 < 10 else f'{int(t)}', fill='black')
     for j, (name, x, y) in enumerate(series):
-        col = COLOURS[j % len(COLOURS)]
+        col = colour(j)
         pts = [(px(a), py(b)) for a, b in zip(x, y) if np.isfinite(a) and np.isfinite(b)]
         if len(pts) > 1:
             d.line(pts, fill=col, width=2)

@@ -1,5 +1,6 @@
 """common.py: image loading, batches, labels, checkpoints."""
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -151,6 +152,9 @@ def test_plot_and_gif(tmp_path):
     common.plot_score_curves(str(scores), str(tmp_path / 'f.png'))
     pixels = {tuple(p) for p in np.asarray(Image.open(tmp_path / 'f.png').convert('RGB')).reshape(-1, 3)}
     assert {(0x1f, 0x77, 0xb4), (0xd6, 0x27, 0x28)} <= pixels and (0x2c, 0xa0, 0x2c) not in pixels
+    many = [common.colour(j) for j in range(40)]   # past the named palette: still distinct, valid colours
+    assert many[:len(common.COLOURS)] == common.COLOURS and len(set(many)) == 40
+    assert all(re.fullmatch('#[0-9a-f]{6}', c) for c in many)
     for i in range(3):
         common.save_grid(torch.rand(4, 3, 8, 8) * 2 - 1, str(tmp_path / 'g' / f'{i}.png'), nrow=2)
     common.make_gif(str(tmp_path / 'g'), str(tmp_path / 'p.gif'))
