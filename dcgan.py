@@ -51,8 +51,8 @@ class Generator(nn.Module):
         super().__init__()
         self.z_dim = z_dim
         # upsample: each 2x step is nearest-neighbour resize + 3x3 conv instead of a stride-2 transposed conv,
-        # whose kernel taps reach neighbouring output pixels unequally and print a checkerboard that
-        # training must cancel (Odena et al. 2016, https://distill.pub/2016/deconv-checkerboard/)
+        # which builds odd and even output pixels from different taps of its kernel: unequal taps print a
+        # checkerboard that training must cancel (Odena et al. 2016, https://distill.pub/2016/deconv-checkerboard/)
         up = ((lambda cin, cout, bias: [nn.Upsample(scale_factor=2), nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)]) if upsample
               else (lambda cin, cout, bias: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)]))
         block = lambda cin, cout: [*up(cin, cout, False), nn.BatchNorm2d(cout), nn.ReLU(True)]
