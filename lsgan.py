@@ -6,7 +6,8 @@ least squares: D regresses real images to b and fakes to a, G pulls its fakes to
 fuzzy labels give the defaults a = 0.1, b = c = 0.9; the paper's 0-1 coding is --fake-label 0 --real-label 1.
 As in dcgan.py, the changes that train better on the same budget are flags, each measured in
 results/README.md: --sn (spectral normalisation in D instead of BatchNorm), --ema-kimg 10 (sample from an
-EMA of G), --diffaug OPS (DiffAugment on every image D sees).
+EMA of G), --diffaug OPS (DiffAugment on every image D sees), --upsample (G grows by nearest-neighbour resize +
+3x3 conv, not transposed convs; Odena et al. 2016).
 
     python lsgan.py --data faces/ --epochs 150                 # train (run folder: runs/lsgan)
     python lsgan.py --out runs/lsgan --resume                   # continue a stopped run exactly
@@ -31,6 +32,7 @@ def get_args(argv=None):
     p.add_argument('--real-label', type=float, default=0.9, help='b and c: target of D(real) and of G\'s fakes (default: %(default)s)')
     p.add_argument('--fake-label', type=float, default=0.1, help='a: target of D(fake) in the D loss (default: %(default)s)')
     p.add_argument('--sn', action='store_true', help='spectral normalisation in D, in place of its BatchNorm')
+    p.add_argument('--upsample', action='store_true', help='G grows by nearest-neighbour upsampling + 3x3 conv, not transposed convs')
     common.add_ema_diffaug_args(p, ema_kimg=0.0)
     return common.parse_args(p, argv)
 
@@ -39,16 +41,21 @@ def get_args(argv=None):
 # Model
 
 class Generator(nn.Module):
-    def __init__(self, z_dim=100, ngf=64, nc=3):
+    def __init__(self, z_dim=100, ngf=64, nc=3, upsample=False):
         super().__init__()
         self.z_dim = z_dim
-        block = lambda cin, cout: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+        # upsample: each 2x step is nearest-neighbour resize + 3x3 conv instead of a stride-2 transposed conv,
+        # which builds odd and even output pixels from different taps of its kernel: unequal taps print a
+        # checkerboard that training must cancel (Odena et al. 2016, https://distill.pub/2016/deconv-checkerboard/)
+        up = ((lambda cin, cout, bias: [nn.Upsample(scale_factor=2), nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)]) if upsample
+              else (lambda cin, cout, bias: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)]))
+        block = lambda cin, cout: [*up(cin, cout, False), nn.BatchNorm2d(cout), nn.ReLU(True)]
         self.net = nn.Sequential(
             nn.ConvTranspose2d(z_dim, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
             *block(ngf * 8, ngf * 4),                           # (ngf*8) x 4 x 4 -> (ngf*4) x 8 x 8
             *block(ngf * 4, ngf * 2),                           # -> (ngf*2) x 16 x 16
             *block(ngf * 2, ngf),                               # -> ngf x 32 x 32
-            nn.ConvTranspose2d(ngf, nc, 4, 2, 1), nn.Tanh(),    # -> nc x 64 x 64, in [-1, 1]
+            *up(ngf, nc, True), nn.Tanh(),                      # -> nc x 64 x 64, in [-1, 1]
         )
 
     def forward(self, z):                                       # z: (B, z_dim)
@@ -116,7 +123,7 @@ def train(args):
         common.fail('lsgan.py builds 64x64 models; use --image-size 64 (stylegan.py has other sizes)')
     run = common.Run(args, 'lsgan')
     images = run.load_images()
-    model_args = dict(z_dim=args.z_dim, ngf=args.ngf)
+    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample)
     G = run.prepare(Generator(**model_args))
     D = run.prepare(Discriminator(args.ndf, sn=args.sn))
     G.apply(init_weights)

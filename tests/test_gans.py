@@ -126,8 +126,8 @@ def test_lr_halve_at_schedule_and_resume(faces, tmp_path):
 
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
-    """--sn --ema-kimg --diffaug (and --loss hinge --upsample): EMA G samples and is checkpointed; resume stays exact."""
-    flags = ['--sn', '--ema-kimg', '0.02', '--diffaug', 'color,translation,cutout'] + ['--loss', 'hinge', '--upsample'] * (module is dcgan)
+    """--sn --ema-kimg --diffaug --upsample (and dcgan's --loss hinge): EMA G samples and is checkpointed; resume stays exact."""
+    flags = ['--sn', '--ema-kimg', '0.02', '--diffaug', 'color,translation,cutout', '--upsample'] + ['--loss', 'hinge'] * (module is dcgan)
     straight = train(module, faces, tmp_path / 'a', '--epochs', '2', *flags)
     assert straight['sample_model'] == 'G_ema' and set(straight['models']) == {'G', 'D', 'G_ema'}
     train(module, faces, tmp_path / 'b', '--epochs', '1', *flags)
@@ -144,10 +144,10 @@ def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
     for k, v in own.state_dict().items():
         assert torch.allclose(v, G_ema[k], rtol=1e-4, atol=1e-6), k
     assert not any('running_mean' in k for k in straight['models']['D'])       # --sn: no BatchNorm in D
-    if module is dcgan:   # --upsample: the checkpoint rebuilds a G that grows by resize + conv after its first layer
-        assert straight['model_args']['upsample']
-        assert [type(m) for m in own.modules() if isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.Upsample))] == \
-            [torch.nn.ConvTranspose2d] + [torch.nn.Upsample] * 4
+    # --upsample: the checkpoint rebuilds a G that grows by resize + conv after its first layer
+    assert straight['model_args']['upsample']
+    assert [type(m) for m in own.modules() if isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.Upsample))] == \
+        [torch.nn.ConvTranspose2d] + [torch.nn.Upsample] * 4
     exported, _ = common.load_generator(common.generator_checkpoint(straight))
     assert torch.equal(exported.state_dict()[w], G_ema[w])           # the export is the EMA generator
 
