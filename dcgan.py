@@ -11,6 +11,7 @@ train better on the same budget are flags, each measured in results/README.md:
     --ema-kimg 10        sample from an exponential moving average of G's weights (Karras et al. 2018)
     --diffaug OPS        DiffAugment (Zhao et al. 2020) on every image D sees
     --upsample           G grows by nearest-neighbour resize + 3x3 conv, not transposed convs (Odena et al. 2016)
+    --r1 GAMMA           R1 penalty on real images (Mescheder et al. 2018) instead of D's BatchNorm
 
     python dcgan.py --data faces/ --epochs 150                 # train (run folder: runs/dcgan)
     python dcgan.py --out runs/dcgan --resume                   # continue a stopped run exactly
@@ -39,6 +40,12 @@ def get_args(argv=None):
                    help='bce = cross-entropy with the fuzzy labels above; hinge ignores them (default: %(default)s)')
     p.add_argument('--sn', action='store_true', help='spectral normalisation in D, in place of its BatchNorm')
     p.add_argument('--upsample', action='store_true', help='G grows by nearest-neighbour upsampling + 3x3 conv, not transposed convs')
+    p.add_argument('--r1', type=float, default=0.0,
+                   help='R1 gamma: add gamma/2 * E||grad_x D(x)||^2 on real images to D\'s loss, and build D without '
+                        'BatchNorm; 0 = off (default: %(default)s)')
+    p.add_argument('--r1-every', type=int, default=16,
+                   help='with --r1: the penalty every this many steps, weighted by as much (lazy regularisation, '
+                        'StyleGAN2) (default: %(default)s)')
     common.add_ema_diffaug_args(p, ema_kimg=0.0)
     return common.parse_args(p, argv)
 
@@ -69,13 +76,15 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf=64, nc=3, sn=False):
+    def __init__(self, ndf=64, nc=3, sn=False, bn=True):
         super().__init__()
         # sn: every conv divided by its largest singular value (one power iteration per forward), which
-        # bounds D's Lipschitz constant; it replaces BatchNorm, so D scores each image on its own
+        # bounds D's Lipschitz constant; it replaces BatchNorm, so D scores each image on its own.
+        # bn=False (--r1): no BatchNorm either; a penalty on D's input gradient keeps it smooth instead
         conv = lambda *a, **k: nn.utils.parametrizations.spectral_norm(nn.Conv2d(*a, **k)) if sn else nn.Conv2d(*a, **k)
-        norm = (lambda c: nn.Identity()) if sn else nn.BatchNorm2d
-        block = lambda cin, cout: [conv(cin, cout, 4, 2, 1, bias=sn), norm(cout), nn.LeakyReLU(0.2, True)]
+        bn = bn and not sn
+        norm = nn.BatchNorm2d if bn else (lambda c: nn.Identity())
+        block = lambda cin, cout: [conv(cin, cout, 4, 2, 1, bias=not bn), norm(cout), nn.LeakyReLU(0.2, True)]
         self.net = nn.Sequential(
             conv(nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True),        # nc x 64 x 64 -> ndf x 32 x 32 (no BN on the input layer)
             *block(ndf, ndf * 2),                                   # -> (ndf*2) x 16 x 16
@@ -131,6 +140,13 @@ def g_hinge_loss(fake_logits):
     return -fake_logits.mean()
 
 
+def d_r1_loss(real_logits, real):
+    """R1: E ||grad_x D(x)||^2 on real images (x must require grad). Zero at the equilibrium whatever G does,
+    it stops D from growing steep slopes around the data, which is what makes GAN training oscillate."""
+    grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 
@@ -141,7 +157,7 @@ def train(args):
     images = run.load_images()
     model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample)
     G = run.prepare(Generator(**model_args))
-    D = run.prepare(Discriminator(args.ndf, sn=args.sn))
+    D = run.prepare(Discriminator(args.ndf, sn=args.sn, bn=not args.r1), compilable=not args.r1)   # R1: double backward
     G.apply(init_weights)
     D.apply(init_weights)
     # a second copy of G whose weights trail G's: it samples, G trains
@@ -160,16 +176,28 @@ def train(args):
     aug = lambda x: common.diff_augment(x, args.diffaug)   # identity without --diffaug
     hinge = args.loss == 'hinge'
 
+    r1 = torch.zeros((), device=run.device)   # logged between R1 steps as its last value
+
     B = args.batch_size // run.world
     for step, real in run.batches(images):
         z = torch.randn(B, args.z_dim, device=run.device)
+        r1_step = args.r1 > 0 and step % args.r1_every == 0
 
         # (1) update D: maximize log D(x) + log(1 - D(G(z)))  (hinge: min relu(1 - D(x)) + relu(1 + D(G(z))))
         with run.autocast():
             fake = G(z)
-            real_logits, fake_logits = D(aug(real)).float(), D(aug(fake.detach())).float()
+        if r1_step:   # the real pass in fp32: a gradient of a gradient, where bf16 rounding would dominate
+            real = real.detach().requires_grad_(True)
+            real_logits = D(aug(real)).float()
+        with run.autocast():
+            if not r1_step:
+                real_logits = D(aug(real)).float()
+            fake_logits = D(aug(fake.detach())).float()
         loss_d = (d_hinge_loss(real_logits, fake_logits) if hinge
                   else d_loss(real_logits, fake_logits, args.real_label, args.fake_label))
+        if r1_step:
+            r1 = d_r1_loss(real_logits, real)
+            loss_d = loss_d + args.r1 / 2 * r1 * args.r1_every   # x r1_every: applied once per r1_every steps
         opt_d.zero_grad(set_to_none=True)
         run.backward(loss_d, 'D')
         run.step('D')
@@ -186,7 +214,7 @@ def train(args):
         if G_ema is not None:
             common.accumulate(G_ema, G, ema_beta)
 
-        run.track(loss_d=loss_d, loss_g=loss_g,
+        run.track(loss_d=loss_d, loss_g=loss_g, **({'r1': r1} if args.r1 else {}),
                   d_real=torch.sigmoid(real_logits).mean(), d_fake=torch.sigmoid(fake_logits).mean())
     run.finish()
 
