@@ -897,7 +897,11 @@ class Run:
                 fail(f'{self.ckpt_path} was written by {ckpt["script"]}.py, not {self.script}.py')
             self.set_lr(ckpt['epoch'])   # the halvings the run has passed, before the saved state is compared
             for k, m in models.items():
-                m.load_state_dict(ckpt['models'][k])
+                try:
+                    m.load_state_dict(ckpt['models'][k])
+                except RuntimeError:   # e.g. `--resume --ndf 128`: the flags build another architecture
+                    fail(f'{self.ckpt_path}: its {k} does not fit the model these flags build; resume without '
+                         f'changing the architecture flags (--ngf, --ndf, --z-dim, --sn, --r1, --upsample, ...)')
             for k, o in optims.items():
                 # load_state_dict also restores the saved lr and betas; the optimisers were built from
                 # this invocation's flags (the saved ones unless given again), so `--resume --lr-g 1e-4`

@@ -275,6 +275,10 @@ def test_resume_keeps_flags_and_refuses_overwrite(faces, tmp_path):
     with pytest.raises(UserError, match='pass --resume'):
         train(dcgan, faces, out, '--epochs', '1')
     assert open(out / 'ckpt.pt', 'rb').read() == before
+    # an architecture flag given again with another value: one clear line, the checkpoint untouched
+    with pytest.raises(UserError, match=r'its G does not fit .* --ndf'):
+        train(dcgan, faces, out, '--epochs', '2', '--resume', '--ngf', '16')
+    assert open(out / 'ckpt.pt', 'rb').read() == before
     with pytest.raises(SystemExit):
         dcgan.get_args(['--out', str(tmp_path / 'new'), '--resume'])
 
