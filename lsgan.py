@@ -7,7 +7,8 @@ fuzzy labels give the defaults a = 0.1, b = c = 0.9; the paper's 0-1 coding is -
 As in dcgan.py, the changes that train better on the same budget are flags, each measured in
 results/README.md: --sn (spectral normalisation in D instead of BatchNorm), --ema-kimg 10 (sample from an
 EMA of G), --diffaug OPS (DiffAugment on every image D sees), --upsample (G grows by nearest-neighbour resize +
-3x3 conv, not transposed convs; Odena et al. 2016).
+3x3 conv, not transposed convs; Odena et al. 2016), --r1 GAMMA (R1 penalty on reals instead of D's BatchNorm;
+Mescheder et al. 2018).
 
     python lsgan.py --data faces/ --epochs 150                 # train (run folder: runs/lsgan)
     python lsgan.py --out runs/lsgan --resume                   # continue a stopped run exactly
@@ -33,6 +34,12 @@ def get_args(argv=None):
     p.add_argument('--fake-label', type=float, default=0.1, help='a: target of D(fake) in the D loss (default: %(default)s)')
     p.add_argument('--sn', action='store_true', help='spectral normalisation in D, in place of its BatchNorm')
     p.add_argument('--upsample', action='store_true', help='G grows by nearest-neighbour upsampling + 3x3 conv, not transposed convs')
+    p.add_argument('--r1', type=float, default=0.0,
+                   help='R1 gamma: add gamma/2 * E||grad_x D(x)||^2 on real images to D\'s loss, and build D without '
+                        'BatchNorm; 0 = off (default: %(default)s)')
+    p.add_argument('--r1-every', type=int, default=16,
+                   help='with --r1: the penalty every this many steps, weighted by as much (lazy regularisation, '
+                        'StyleGAN2) (default: %(default)s)')
     common.add_ema_diffaug_args(p, ema_kimg=0.0)
     return common.parse_args(p, argv)
 
@@ -63,13 +70,15 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf=64, nc=3, sn=False):
+    def __init__(self, ndf=64, nc=3, sn=False, bn=True):
         super().__init__()
         # sn: every conv divided by its largest singular value (one power iteration per forward), which
-        # bounds D's Lipschitz constant; it replaces BatchNorm, so D scores each image on its own
+        # bounds D's Lipschitz constant; it replaces BatchNorm, so D scores each image on its own.
+        # bn=False (--r1): no BatchNorm either; a penalty on D's input gradient keeps it smooth instead
         conv = lambda *a, **k: nn.utils.parametrizations.spectral_norm(nn.Conv2d(*a, **k)) if sn else nn.Conv2d(*a, **k)
-        norm = (lambda c: nn.Identity()) if sn else nn.BatchNorm2d
-        block = lambda cin, cout: [conv(cin, cout, 4, 2, 1, bias=sn), norm(cout), nn.LeakyReLU(0.2, True)]
+        bn = bn and not sn
+        norm = nn.BatchNorm2d if bn else (lambda c: nn.Identity())
+        block = lambda cin, cout: [conv(cin, cout, 4, 2, 1, bias=not bn), norm(cout), nn.LeakyReLU(0.2, True)]
         self.net = nn.Sequential(
             conv(nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True),        # nc x 64 x 64 -> ndf x 32 x 32 (no BN on the input layer)
             *block(ndf, ndf * 2),                                   # -> (ndf*2) x 16 x 16
@@ -115,6 +124,13 @@ def g_loss(fake_out, c):
     return 0.5 * ((fake_out - c) ** 2).mean()
 
 
+def d_r1_loss(real_out, real):
+    """R1: E ||grad_x D(x)||^2 on real images (x must require grad). Zero at the equilibrium whatever G does,
+    it stops D from growing steep slopes around the data, which is what makes GAN training oscillate."""
+    grad, = torch.autograd.grad(real_out.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 
@@ -125,7 +141,7 @@ def train(args):
     images = run.load_images()
     model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample)
     G = run.prepare(Generator(**model_args))
-    D = run.prepare(Discriminator(args.ndf, sn=args.sn))
+    D = run.prepare(Discriminator(args.ndf, sn=args.sn, bn=not args.r1), compilable=not args.r1)   # R1: double backward
     G.apply(init_weights)
     D.apply(init_weights)
     # a second copy of G whose weights trail G's: it samples, G trains
@@ -143,15 +159,27 @@ def train(args):
     ema_beta = common.ema_beta(args.batch_size, args.ema_kimg)
     aug = lambda x: common.diff_augment(x, args.diffaug)   # identity without --diffaug
 
+    r1 = torch.zeros((), device=run.device)   # logged between R1 steps as its last value
+
     B = args.batch_size // run.world
     for step, real in run.batches(images):
         z = torch.randn(B, args.z_dim, device=run.device)
+        r1_step = args.r1 > 0 and step % args.r1_every == 0
 
         # (1) update D: pull D(x) to b = real_label and D(G(z)) to a = fake_label
         with run.autocast():
             fake = G(z)
-            real_out, fake_out = D(aug(real)).float(), D(aug(fake.detach())).float()
+        if r1_step:   # the real pass in fp32: a gradient of a gradient, where bf16 rounding would dominate
+            real = real.detach().requires_grad_(True)
+            real_out = D(aug(real)).float()
+        with run.autocast():
+            if not r1_step:
+                real_out = D(aug(real)).float()
+            fake_out = D(aug(fake.detach())).float()
         loss_d = d_loss(real_out, fake_out, args.real_label, args.fake_label)
+        if r1_step:
+            r1 = d_r1_loss(real_out, real)
+            loss_d = loss_d + args.r1 / 2 * r1 * args.r1_every   # x r1_every: applied once per r1_every steps
         opt_d.zero_grad(set_to_none=True)
         run.backward(loss_d, 'D')
         run.step('D')
@@ -168,7 +196,7 @@ def train(args):
         if G_ema is not None:
             common.accumulate(G_ema, G, ema_beta)
 
-        run.track(loss_d=loss_d, loss_g=loss_g,
+        run.track(loss_d=loss_d, loss_g=loss_g, **({'r1': r1} if args.r1 else {}),
                   d_real=real_out.mean(), d_fake=fake_out.mean())
     run.finish()
 

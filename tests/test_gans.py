@@ -152,30 +152,32 @@ def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
     assert torch.equal(exported.state_dict()[w], G_ema[w])           # the export is the EMA generator
 
 
-def test_r1_drops_batchnorm_logs_and_resumes(faces, tmp_path):
-    """dcgan --r1: D without BatchNorm (biases instead), the penalty logged where it is applied, resume exact."""
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_r1_drops_batchnorm_logs_and_resumes(module, faces, tmp_path):
+    """--r1: D without BatchNorm (biases instead), the penalty logged where it is applied, resume exact."""
     flags = ['--r1', '10', '--r1-every', '2']
-    straight = train(dcgan, faces, tmp_path / 'a', '--epochs', '2', *flags)
+    straight = train(module, faces, tmp_path / 'a', '--epochs', '2', *flags)
     D = straight['models']['D']
     assert not any('running_mean' in k for k in D) and 'net.2.bias' in D
-    train(dcgan, faces, tmp_path / 'b', '--epochs', '1', *flags)
-    assert_same_state(straight, train(dcgan, faces, tmp_path / 'b', '--epochs', '2', '--resume'))
+    train(module, faces, tmp_path / 'b', '--epochs', '1', *flags)
+    assert_same_state(straight, train(module, faces, tmp_path / 'b', '--epochs', '2', '--resume'))
     rows = np.genfromtxt(tmp_path / 'a' / 'losses.csv', delimiter=',', names=True)
     assert 'r1' in rows.dtype.names and np.isfinite(rows['r1']).all()
     # the penalty moves D (a tiny D's input gradients are ~1e-9, so a large gamma): same architecture, other weights
-    weak, strong = (train(dcgan, faces, tmp_path / g, '--epochs', '1', '--r1', g, '--r1-every', '1')['models']['D']
+    weak, strong = (train(module, faces, tmp_path / g, '--epochs', '1', '--r1', g, '--r1-every', '1')['models']['D']
                     for g in ('1e-30', '1e8'))
     assert not torch.allclose(weak['net.2.weight'], strong['net.2.weight'])
 
 
-def test_r1_penalty_against_closed_form():
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_r1_penalty_against_closed_form(module):
     """For D(x) = w . x + x . A x the input gradient is w + (A + A^T) x: R1 is the batch mean of its squared norm."""
     torch.manual_seed(0)
     w, A = torch.randn(12), torch.randn(12, 12)
     x = torch.randn(5, 12, requires_grad=True)
     logits = x @ w + ((x @ A) * x).sum(1)
     ref = (w + x.detach() @ (A + A.T)).pow(2).sum(1).mean()
-    r1 = dcgan.d_r1_loss(logits, x)
+    r1 = module.d_r1_loss(logits, x)
     assert torch.allclose(r1, ref)
     r1.backward()                                  # create_graph: the penalty itself has a gradient
     assert torch.allclose(x.grad, 2 * (w + x.detach() @ (A + A.T)) @ (A + A.T).T / 5, rtol=1e-4, atol=1e-5)
