@@ -1261,7 +1261,10 @@ def plot_losses(csv_path, png_path, size=(800, 450)):
         rows = list(csv.reader(f))
     if len(rows) < 2:
         return
-    head, data = rows[0], np.array([[float(v) if v else np.nan for v in r] for r in rows[1:] if r])
+    # a run resumed with other logging flags (e.g. --fid-every turned off) writes rows of another length:
+    # missing values are NaN, values beyond the header have no name and are left out
+    head = rows[0]
+    data = np.array([[float(v) if v else np.nan for v in (r + [''] * len(head))[:len(head)]] for r in rows[1:] if r])
     series = [(h, data[:, 0], data[:, i]) for i, h in enumerate(head)
               if h not in ('step', 'epoch', 'img_per_s', 'fid')]
     plot_curves(series, png_path, 'step', size=size)

@@ -147,6 +147,10 @@ def test_plot_and_gif(tmp_path):
     csv_path.write_text('step,epoch,loss_d,loss_g,img_per_s\n' + ''.join(f'{i},{i / 10},{1 / i},{i ** 0.5},100\n' for i in range(1, 30)))
     common.plot_losses(str(csv_path), str(tmp_path / 'c.png'))
     assert Image.open(tmp_path / 'c.png').size == (800, 450)
+    # rows of another length (a run resumed with --fid-every changed): still a plot, not a crash
+    csv_path.write_text('step,epoch,loss_d,fid\n1,0.1,1.0,300\n2,0.2,0.9,\n3,0.3,0.8\n4,0.4,0.7,250,9\n')
+    common.plot_losses(str(csv_path), str(tmp_path / 'd.png'))
+    assert Image.open(tmp_path / 'd.png').size == (800, 450)
     scores = tmp_path / 'fid_curve.csv'   # two runs, scored at different hours: one line each
     scores.write_text('run,epoch,hours,fid\na,1,0.5,300\na,2,1.0,200\nb,1,0.2,250\nb,3,1.5,90\n')
     common.plot_score_curves(str(scores), str(tmp_path / 'f.png'))
