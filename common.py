@@ -143,6 +143,8 @@ def parse_args(parser, argv=None):
     bad = set(filter(None, getattr(args, 'diffaug', '').split(','))) - set(AUGMENTS)
     if bad:
         parser.error(f'--diffaug: unknown {",".join(sorted(bad))}; choose from {",".join(AUGMENTS)}')
+    if getattr(args, 'r1_every', 1) <= 0 or (getattr(args, 'r1', 0) or 0) < 0:
+        parser.error(f'--r1 must be >= 0 and --r1-every positive, got {args.r1} and {args.r1_every}')
     if getattr(args, 'ema_kimg', 0) < 0:
         parser.error(f'--ema-kimg must be >= 0, got {args.ema_kimg}')
     if args.fid_every and not (args.fid_stats and os.path.isfile(args.fid_stats)):

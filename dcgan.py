@@ -186,7 +186,9 @@ def train(args):
         # (1) update D: maximize log D(x) + log(1 - D(G(z)))  (hinge: min relu(1 - D(x)) + relu(1 + D(G(z))))
         with run.autocast():
             fake = G(z)
-        if r1_step:   # the real pass in fp32: a gradient of a gradient, where bf16 rounding would dominate
+        # an R1 step's real pass runs in fp32 (a gradient of a gradient, where bf16 rounding would dominate); other
+        # steps keep both D passes in one autocast block, which shares one bf16 cast of D's weights between them
+        if r1_step:
             real = real.detach().requires_grad_(True)
             real_logits = D(aug(real)).float()
         with run.autocast():

@@ -169,7 +169,9 @@ def train(args):
         # (1) update D: pull D(x) to b = real_label and D(G(z)) to a = fake_label
         with run.autocast():
             fake = G(z)
-        if r1_step:   # the real pass in fp32: a gradient of a gradient, where bf16 rounding would dominate
+        # an R1 step's real pass runs in fp32 (a gradient of a gradient, where bf16 rounding would dominate); other
+        # steps keep both D passes in one autocast block, which shares one bf16 cast of D's weights between them
+        if r1_step:
             real = real.detach().requires_grad_(True)
             real_out = D(aug(real)).float()
         with run.autocast():

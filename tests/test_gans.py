@@ -167,6 +167,9 @@ def test_r1_drops_batchnorm_logs_and_resumes(module, faces, tmp_path):
     weak, strong = (train(module, faces, tmp_path / g, '--epochs', '1', '--r1', g, '--r1-every', '1')['models']['D']
                     for g in ('1e-30', '1e8'))
     assert not torch.allclose(weak['net.2.weight'], strong['net.2.weight'])
+    for bad in (['--r1-every', '0'], ['--r1', '-1']):
+        with pytest.raises(SystemExit):
+            module.get_args(bad)
 
 
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
