@@ -147,6 +147,8 @@ def parse_args(parser, argv=None):
         parser.error(f'--r1 must be >= 0 and --r1-every positive, got {args.r1} and {args.r1_every}')
     if getattr(args, 'ema_kimg', 0) < 0:
         parser.error(f'--ema-kimg must be >= 0, got {args.ema_kimg}')
+    if args.fid_every and args.fid_n < 2:
+        parser.error(f'--fid-n must be at least 2 (FID needs a covariance; 2048+ for numbers that compare), got {args.fid_n}')
     if args.fid_every and not (args.fid_stats and os.path.isfile(args.fid_stats)):
         parser.error(f'--fid-every needs --fid-stats FILE.npz (got {args.fid_stats}); make it with '
                      f'`python fid.py DATA --save-stats FILE.npz`')
@@ -821,7 +823,7 @@ class Run:
             self.log('warning: --precision bf16 on a CPU without native bf16 (avx512_bf16) is emulated: a dcgan.py '
                      'step was 23x slower than fp32 on an AVX2 EPYC; --precision auto picks fp32 on such a CPU')
         self._stop_signal = None
-        self._fid, self._extractor = None, None
+        self._fid, self._kid, self._extractor = None, None, None
         self._standing_step = None
         self.models, self.optims, self.scalers = {}, {}, {}
         self._resume_ckpt = None
@@ -1098,13 +1100,14 @@ class Run:
             with open(csv_path, 'a', newline='') as f:
                 w = csv.writer(f)
                 if new:
-                    w.writerow(['step', 'epoch', *row, 'img_per_s'] + ['fid'] * bool(self.args.fid_every))
+                    w.writerow(['step', 'epoch', *row, 'img_per_s'] + ['fid', 'kid'] * bool(self.args.fid_every))
+                scores = [f'{self._fid:.3f}', f'{self._kid:.6f}' if self._kid is not None else ''] if self._fid is not None else ['', '']
                 w.writerow([self.global_step, f'{epoch:.3f}', *(f'{v:.5f}' for v in vals), f'{ips:.1f}']
-                           + [f'{self._fid:.3f}' if self._fid is not None else ''] * bool(self.args.fid_every))
+                           + scores * bool(self.args.fid_every))
             self.log(f'[{self.script}] ep {epoch:6.2f}/{self.args.epochs} step {self.global_step}/{total} | '
                      + ' '.join(f'{k} {v:.3f}' for k, v in row.items())
                      + f' | {ips:.0f} img/s | ETA {fmt_time(eta)}' + (f' | FID {self._fid:.2f}' if self._fid is not None else ''))
-        self._fid = None
+        self._fid = self._kid = None
         return time.time(), self.global_step
 
     def score_fid(self):
@@ -1118,10 +1121,13 @@ class Run:
         batches = (fid.as_uint8(x) for x in sample_batches(self.sampler(), self.sample_inputs,
                                                             self.model_args, self.args.fid_n, self.device, self.args.seed + 2))
         feats = fid.extract(self._extractor, batches, self.args.fid_n, self.device, log=lambda m: None)
-        _, mu, sigma, _ = fid.features_of(self.args.fid_stats, self._extractor, None)
+        real, mu, sigma, _ = fid.features_of(self.args.fid_stats, self._extractor, None)
         self._fid = fid.frechet_distance(*fid.statistics(feats), mu, sigma)
-        self.log(f'FID {self._fid:.2f} at step {self.global_step} ({self.args.fid_n} samples vs {self.args.fid_stats}, '
-                 f'{time.time() - t:.0f}s)')
+        # KID (fid.py's subsets and seed) where the .npz keeps features, as --save-stats writes: unlike FID it
+        # has no bias from the sample count, so scores at different --fid-n compare
+        self._kid = fid.kid(feats, real, seed=self.args.seed)[0] if real is not None else None
+        self.log(f'FID {self._fid:.2f}' + (f' KID {self._kid * 1000:.2f}e-3' if self._kid is not None else '')
+                 + f' at step {self.global_step} ({self.args.fid_n} samples vs {self.args.fid_stats}, {time.time() - t:.0f}s)')
 
     # -- outputs ------------------------------------------------------------------------------------
     def sampler(self):
@@ -1268,7 +1274,7 @@ def plot_losses(csv_path, png_path, size=(800, 450)):
     head = rows[0]
     data = np.array([[float(v) if v else np.nan for v in (r + [''] * len(head))[:len(head)]] for r in rows[1:] if r])
     series = [(h, data[:, 0], data[:, i]) for i, h in enumerate(head)
-              if h not in ('step', 'epoch', 'img_per_s', 'fid')]
+              if h not in ('step', 'epoch', 'img_per_s', 'fid', 'kid')]
     plot_curves(series, png_path, 'step', size=size)
 
 

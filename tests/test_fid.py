@@ -128,11 +128,19 @@ def test_fid_during_training_and_checkpoint_input(faces, tmp_path, monkeypatch):
     monkeypatch.setattr(fid, 'WEIGHT_CANDIDATES', [WEIGHTS])
     stats = str(tmp_path / 'faces.npz')
     fid.main([faces, '--save-stats', stats, '--weights', WEIGHTS, '--allow-small', '--device', 'cpu'])
+    seen, kid = [], fid.kid
+    monkeypatch.setattr(fid, 'kid', lambda a, b, *r, **kw: seen.append(((a, b), kid(a, b, *r, **kw))) or seen[-1][1])
     dcgan.main(['--data', faces, '--out', str(tmp_path / 'run'), *TINY, '--epochs', '2', '--n-samples', '0',
                 '--log-every', '3', '--fid-every', '2', '--fid-stats', stats, '--fid-n', '8'])
     rows = [r.split(',') for r in open(tmp_path / 'run' / 'losses.csv').read().split()]
-    assert rows[0][-1] == 'fid' and [r[0] for r in rows[1:]] == ['3', '4']      # step 4: FID forces a row
-    assert rows[1][-1] == '' and float(rows[2][-1]) > 50                         # untrained G: far
+    assert rows[0][-2:] == ['fid', 'kid'] and [r[0] for r in rows[1:]] == ['3', '4']   # step 4: FID forces a row
+    assert rows[1][-2:] == ['', ''] and float(rows[2][-2]) > 50                  # untrained G: far
+    # KID: the samples' features against the features the .npz keeps, fid.py's estimator, logged to the row
+    (gen, real), k = seen[0]
+    assert gen.shape == (8, 2048) and np.array_equal(real, np.load(stats)['features'])
+    assert float(rows[2][-1]) == pytest.approx(k[0], abs=1e-6) and k[0] > 0.01
+    with pytest.raises(SystemExit):   # one sample has no covariance: refused before any training
+        dcgan.get_args(['--data', faces, '--fid-every', '1', '--fid-stats', stats, '--fid-n', '1'])
     before = sorted(os.listdir(tmp_path / 'run'))
     ckpt = str(tmp_path / 'run' / 'ckpt.pt')
     a = ['--weights', WEIGHTS, '--allow-small', '--n', '10', '--device', 'cpu', '--limit', '10']
