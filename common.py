@@ -1043,8 +1043,10 @@ class Run:
                 self.log(f'epoch {s // spe}: learning rates halved (--lr-halve-at) to ' + ', '.join(
                     f'{k} {o.param_groups[0]["lr"]:g}' for k, o in self.optims.items()))
             fid_due = a.fid_every and s % (a.fid_every * spe) == 0
-            if fid_due:
+            if fid_due:   # scoring time is left out of the img/s and ETA of the next log line
+                t_fid = time.time()
                 self.score_fid()
+                t0 += time.time() - t_fid
             if s % a.log_every == 0 or s == total or fid_due:
                 t0, n0 = self._log_line(csv_path, total, t0, n0)
             if self.main and (s % a.grid_every == 0 or s == total):

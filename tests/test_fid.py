@@ -1,6 +1,7 @@
 """fid.py: the Frechet distance, KID, the FID Inception against pytorch-fid, inputs and errors."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -129,12 +130,14 @@ def test_fid_during_training_and_checkpoint_input(faces, tmp_path, monkeypatch):
     stats = str(tmp_path / 'faces.npz')
     fid.main([faces, '--save-stats', stats, '--weights', WEIGHTS, '--allow-small', '--device', 'cpu'])
     seen, kid = [], fid.kid
-    monkeypatch.setattr(fid, 'kid', lambda a, b, *r, **kw: seen.append(((a, b), kid(a, b, *r, **kw))) or seen[-1][1])
+    # (the sleep stands for a long scoring pause, which must not count against the img/s of training)
+    monkeypatch.setattr(fid, 'kid', lambda a, b, *r, **kw: time.sleep(2) or seen.append(((a, b), kid(a, b, *r, **kw))) or seen[-1][1])
     dcgan.main(['--data', faces, '--out', str(tmp_path / 'run'), *TINY, '--epochs', '2', '--n-samples', '0',
                 '--log-every', '3', '--fid-every', '2', '--fid-stats', stats, '--fid-n', '8'])
     rows = [r.split(',') for r in open(tmp_path / 'run' / 'losses.csv').read().split()]
     assert rows[0][-2:] == ['fid', 'kid'] and [r[0] for r in rows[1:]] == ['3', '4']   # step 4: FID forces a row
     assert rows[1][-2:] == ['', ''] and float(rows[2][-2]) > 50                  # untrained G: far
+    assert float(rows[2][-3]) > float(rows[1][-3]) / 4   # img/s of the FID row: its training step alone, not the pause
     # KID: the samples' features against the features the .npz keeps, fid.py's estimator, logged to the row
     (gen, real), k = seen[0]
     assert gen.shape == (8, 2048) and np.array_equal(real, np.load(stats)['features'])
