@@ -12,6 +12,9 @@ Flags as in dcgan.py, each measured in results/conditional.md:
     --ema-kimg 10             sample from an exponential moving average of G's weights (Karras et al. 2018)
     --diffaug translation,cutout   DiffAugment (Zhao et al. 2020) on every image D sees; leave out `color`
                               here: D's heads must tell hair and eye colours, which it shifts
+    --upsample                G grows by nearest-neighbour resize + 3x3 conv, not transposed convs (Odena et al. 2016)
+    --r1 GAMMA                R1 penalty on real images (Mescheder et al. 2018) on the real/fake logit, instead
+                              of D's BatchNorm; the classifier heads read the same BatchNorm-free features
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
@@ -43,6 +46,13 @@ def get_args(argv=None):
     p.add_argument('--beta2', type=float, default=0.999, help='Adam beta2 (default: %(default)s)')
     p.add_argument('--real-label', type=float, default=0.9, help='fuzzy target for real images (default: %(default)s)')
     p.add_argument('--fake-label', type=float, default=0.1, help='fuzzy target for fakes in the D loss (default: %(default)s)')
+    p.add_argument('--upsample', action='store_true', help='G grows by nearest-neighbour upsampling + 3x3 conv, not transposed convs')
+    p.add_argument('--r1', type=float, default=0.0,
+                   help='R1 gamma: add gamma/2 * E||grad_x D(x)||^2 of the real/fake logit on real images to D\'s loss, and '
+                        'build D without BatchNorm; 0 = off (default: %(default)s)')
+    p.add_argument('--r1-every', type=int, default=16,
+                   help='with --r1: the penalty every this many steps, weighted by as much (lazy regularisation, '
+                        'StyleGAN2) (default: %(default)s)')
     p.add_argument('--cls-weight', type=float, default=1.0, help='weight of the classification losses (default: %(default)s)')
     p.add_argument('--control-n', type=int, default=2000,
                    help='generated faces on which control.json measures D\'s heads at the end (default: %(default)s)')
@@ -59,16 +69,20 @@ class Generator(nn.Module):
     vocab: attribute -> class names (from the labels CSV); label_prior: the data's label combinations and
     their counts, unused by the network but kept with its arguments so sampling needs no CSV."""
 
-    def __init__(self, z_dim=100, ngf=64, vocab=None, label_prior=None, nc=3):
+    def __init__(self, z_dim=100, ngf=64, vocab=None, label_prior=None, nc=3, upsample=False):
         super().__init__()
         self.z_dim, self.n_classes = z_dim, [len(v) for v in vocab.values()]
-        block = lambda cin, cout: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+        # upsample: each 2x step is nearest-neighbour resize + 3x3 conv instead of a stride-2 transposed conv,
+        # whose odd and even output pixels come from different kernel taps (a checkerboard training must cancel)
+        up = ((lambda cin, cout, bias: [nn.Upsample(scale_factor=2), nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)]) if upsample
+              else (lambda cin, cout, bias: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)]))
+        block = lambda cin, cout: [*up(cin, cout, False), nn.BatchNorm2d(cout), nn.ReLU(True)]
         self.net = nn.Sequential(
             nn.ConvTranspose2d(z_dim + sum(self.n_classes), ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
             *block(ngf * 8, ngf * 4),                           # (ngf*8) x 4 x 4 -> (ngf*4) x 8 x 8
             *block(ngf * 4, ngf * 2),                           # -> (ngf*2) x 16 x 16
             *block(ngf * 2, ngf),                               # -> ngf x 32 x 32
-            nn.ConvTranspose2d(ngf, nc, 4, 2, 1), nn.Tanh(),    # -> nc x 64 x 64, in [-1, 1]
+            *up(ngf, nc, True), nn.Tanh(),                      # -> nc x 64 x 64, in [-1, 1]
         )
 
     def forward(self, z, y):                                    # z: (B, z_dim), y: (B, attributes) class indices
@@ -78,12 +92,14 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """DCGAN discriminator with two outputs from its last features: a real/fake logit and, per attribute,
-    class logits (never softmaxed here: cross_entropy takes logits)."""
+    class logits (never softmaxed here: cross_entropy takes logits). bn=False (--r1): no BatchNorm, biases
+    instead; the R1 penalty on the real/fake logit keeps D smooth, and the heads share its features."""
 
-    def __init__(self, ndf=64, n_classes=(2,), nc=3):
+    def __init__(self, ndf=64, n_classes=(2,), nc=3, bn=True):
         super().__init__()
         self.n_classes = list(n_classes)
-        block = lambda cin, cout: [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True)]
+        norm = nn.BatchNorm2d if bn else (lambda c: nn.Identity())
+        block = lambda cin, cout: [nn.Conv2d(cin, cout, 4, 2, 1, bias=not bn), norm(cout), nn.LeakyReLU(0.2, True)]
         self.features = nn.Sequential(
             nn.Conv2d(nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True),  # nc x 64 x 64 -> ndf x 32 x 32
             *block(ndf, ndf * 2),                                   # -> (ndf*2) x 16 x 16
@@ -130,6 +146,13 @@ def g_adv_loss(fake_logits, real_label):
     return F.binary_cross_entropy_with_logits(fake_logits, torch.full_like(fake_logits, real_label))
 
 
+def d_r1_loss(real_logits, real):
+    """R1: E ||grad_x D(x)||^2 of the real/fake logit on real images (x must require grad). Zero at the
+    equilibrium whatever G does, it stops D from growing steep slopes around the data."""
+    grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
 def cls_loss(logits, y):
     """Sum over attributes of the mean cross-entropy of the class logits; unknown labels (-1) are left out
     (and a batch with none known for an attribute adds 0, not NaN)."""
@@ -169,9 +192,9 @@ def train(args):
     run = common.Run(args, 'acgan')
     images = run.load_images()
     labels, label_args = run.load_labels()
-    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, **label_args)
+    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample, **label_args)
     G = run.prepare(Generator(**model_args))
-    D = run.prepare(Discriminator(args.ndf, G.n_classes))
+    D = run.prepare(Discriminator(args.ndf, G.n_classes, bn=not args.r1), compilable=not args.r1)   # R1: double backward
     G.apply(init_weights)
     D.apply(init_weights)
     # a second copy of G whose weights trail G's: it samples, G trains
@@ -188,17 +211,29 @@ def train(args):
     ema_beta = common.ema_beta(args.batch_size, args.ema_kimg)
     aug = lambda x: common.diff_augment(x, args.diffaug)   # identity without --diffaug; the labels stay
 
+    r1 = torch.zeros((), device=run.device)   # logged between R1 steps as its last value
+
     B = args.batch_size // run.world
     for step, real, y_real in run.batches(images, labels):
         z, y_fake = sample_inputs(model_args, B, run.device)
+        r1_step = args.r1 > 0 and step % args.r1_every == 0
 
         # (1) update D: maximize log D(x) + log(1 - D(G(z, y))) and classify real and fake faces by their labels
         with run.autocast():
             fake = G(z, y_fake)
+        # an R1 step's real pass runs in fp32 (a gradient of a gradient, where bf16 rounding would dominate)
+        if r1_step:
+            real = real.detach().requires_grad_(True)
             real_logits, real_cls = D(aug(real))
+        with run.autocast():
+            if not r1_step:
+                real_logits, real_cls = D(aug(real))
             fake_logits, fake_cls = D(aug(fake.detach()))
         loss_d = (d_adv_loss(real_logits.float(), fake_logits.float(), args.real_label, args.fake_label)
                   + args.cls_weight * (cls_loss(real_cls, y_real) + cls_loss(fake_cls, y_fake)))
+        if r1_step:
+            r1 = d_r1_loss(real_logits, real)
+            loss_d = loss_d + args.r1 / 2 * r1 * args.r1_every   # x r1_every: applied once per r1_every steps
         opt_d.zero_grad(set_to_none=True)
         run.backward(loss_d, 'D')
         run.step('D')
@@ -215,7 +250,7 @@ def train(args):
         if G_ema is not None:
             common.accumulate(G_ema, G, ema_beta)
 
-        run.track(loss_d=loss_d, loss_g=loss_g, d_real=torch.sigmoid(real_logits.float()).mean(),
+        run.track(loss_d=loss_d, loss_g=loss_g, **({'r1': r1} if args.r1 else {}), d_real=torch.sigmoid(real_logits.float()).mean(),
                   d_fake=torch.sigmoid(fake_logits.float()).mean(),
                   acc_real=accuracy(real_cls, y_real), acc_fake=accuracy(gen_cls, y_fake))
     run.finish()

@@ -11,6 +11,7 @@ and Adam 1e-4, betas (0.5, 0.9) as in the paper. Flags as in acgan.py, each meas
     --ema-kimg 10             sample from an exponential moving average of G's weights, updated at each G step
     --diffaug translation,cutout   DiffAugment on every image the critic sees, the penalty's interpolates made
                               between augmented faces; leave out `color`: the heads must tell colours apart
+    --upsample                G grows by nearest-neighbour resize + 3x3 conv, not transposed convs (Odena et al. 2016)
 
     python wacgan_gp.py --data faces/ --labels labels.csv --epochs 50
     python wacgan_gp.py --out runs/wacgan_gp --resume
@@ -44,6 +45,7 @@ def get_args(argv=None):
                    help='fp32: the penalty\'s critic pass and double backward in fp32; same: under --precision '
                    '(bf16 on this CPU: critic steps about 1.4x faster, FID ~10 worse at epoch 8 on one seed, '
                    'results/speed.md) (default: %(default)s)')
+    p.add_argument('--upsample', action='store_true', help='G grows by nearest-neighbour upsampling + 3x3 conv, not transposed convs')
     p.add_argument('--cls-weight', type=float, default=1.0, help='weight of the classification losses (default: %(default)s)')
     p.add_argument('--control-n', type=int, default=2000,
                    help='generated faces on which control.json measures the critic\'s heads at the end (default: %(default)s)')
@@ -63,16 +65,20 @@ class Generator(nn.Module):
     vocab: attribute -> class names (from the labels CSV); label_prior: the data's label combinations and
     their counts, unused by the network but kept with its arguments so sampling needs no CSV."""
 
-    def __init__(self, z_dim=100, ngf=64, vocab=None, label_prior=None, nc=3):
+    def __init__(self, z_dim=100, ngf=64, vocab=None, label_prior=None, nc=3, upsample=False):
         super().__init__()
         self.z_dim, self.n_classes = z_dim, [len(v) for v in vocab.values()]
-        block = lambda cin, cout: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+        # upsample: each 2x step is nearest-neighbour resize + 3x3 conv instead of a stride-2 transposed conv,
+        # whose odd and even output pixels come from different kernel taps (a checkerboard training must cancel)
+        up = ((lambda cin, cout, bias: [nn.Upsample(scale_factor=2), nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)]) if upsample
+              else (lambda cin, cout, bias: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)]))
+        block = lambda cin, cout: [*up(cin, cout, False), nn.BatchNorm2d(cout), nn.ReLU(True)]
         self.net = nn.Sequential(
             nn.ConvTranspose2d(z_dim + sum(self.n_classes), ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
             *block(ngf * 8, ngf * 4),                           # (ngf*8) x 4 x 4 -> (ngf*4) x 8 x 8
             *block(ngf * 4, ngf * 2),                           # -> (ngf*2) x 16 x 16
             *block(ngf * 2, ngf),                               # -> ngf x 32 x 32
-            nn.ConvTranspose2d(ngf, nc, 4, 2, 1), nn.Tanh(),    # -> nc x 64 x 64, in [-1, 1]
+            *up(ngf, nc, True), nn.Tanh(),                      # -> nc x 64 x 64, in [-1, 1]
         )
 
     def forward(self, z, y):                                    # z: (B, z_dim), y: (B, attributes) class indices
@@ -100,6 +106,15 @@ class Critic(nn.Module):
     def forward(self, x):
         h = self.features(x)
         return self.score(h).flatten(), self.cls(h).flatten(1).split(self.n_classes, dim=1)
+
+
+def critic_real_fake(D, real, fake):
+    """The critic's scores and class logits of real and fake faces from one pass over both batches: without
+    BatchNorm each face's output depends on that face alone, so this is two passes' numbers, at the cost of
+    one (one cast of the weights, larger matrix products). -> real_score, fake_score, real_cls, fake_cls."""
+    score, cls = D(torch.cat([real, fake]))
+    B = len(real)
+    return score[:B], score[B:], [c[:B] for c in cls], [c[B:] for c in cls]
 
 
 def init_weights(m):
@@ -188,7 +203,7 @@ def train(args):
     run = common.Run(args, 'wacgan_gp')
     images = run.load_images()
     labels, label_args = run.load_labels()
-    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, **label_args)
+    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample, **label_args)
     G = run.prepare(Generator(**model_args))
     D = run.prepare(Critic(args.ndf, G.n_classes), compilable=False)   # GP: double backward
     G.apply(init_weights)
@@ -214,8 +229,7 @@ def train(args):
         # (1) update the critic: maximize D(real) - D(fake) under the gradient penalty, and classify
         with run.autocast():
             real, fake = aug(real), aug(G(z, y_fake).detach())   # the critic only ever sees augmented faces
-            real_score, real_cls = D(real)
-            fake_score, fake_cls = D(fake)
+            real_score, fake_score, real_cls, fake_cls = critic_real_fake(D, real, fake)
         # fp32 by default: a penalty on a gradient is the sensitive quantity of this loss
         gp = gradient_penalty(D, interpolates(real.float(), fake.float()), run.autocast() if args.gp_precision == 'same' else None)
         loss_d = (critic_loss(real_score.float(), fake_score.float()) + args.gp_weight * gp

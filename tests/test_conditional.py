@@ -51,20 +51,25 @@ TOY_FLAGS = {'acgan': ['--epochs', '60', '--lr-g', '2e-3', '--lr-d', '2e-3', '--
              'wacgan_gp': ['--epochs', '120', '--lr-g', '1e-3', '--lr-d', '1e-3', '--n-critic', '2', '--cls-weight', '10']}
 
 
+# The recipe flags that took DCGAN from 173 to 37.6 (results/README.md), in each conditional script
+RECIPE_FLAGS = {'acgan': ['--upsample', '--r1', '0.1', '--r1-every', '2'], 'wacgan_gp': ['--upsample']}
+
+
 @pytest.fixture(scope='module')
 def toy_run(tmp_path_factory):
-    """toy_run(module) -> (toy data, its labels CSV, run folder of `module` trained on it), trained once per
-    module for every test of this file that reads a toy model's conditioning."""
+    """toy_run(module, *flags) -> (toy data, its labels CSV, run folder of `module` trained on it with flags),
+    trained once per module and flags for every test of this file that reads a toy model's conditioning."""
     root = tmp_path_factory.mktemp('toy')
     data, csv = make_toy(root)
     runs = {}
 
-    def get(module):
-        if module not in runs:
-            runs[module] = root / module.__name__
-            train(module, data, csv, runs[module], '--log-every', '20', '--grid-every', '1000', '--save-every', '1000',
-                  '--precision', 'fp32', *TOY_FLAGS[module.__name__])
-        return data, csv, runs[module]
+    def get(module, *flags):
+        key = (module, flags)
+        if key not in runs:
+            runs[key] = root / f'{module.__name__}{len(runs)}'
+            train(module, data, csv, runs[key], '--log-every', '20', '--grid-every', '1000', '--save-every', '1000',
+                  '--precision', 'fp32', *TOY_FLAGS[module.__name__], *flags)
+        return data, csv, runs[key]
     return get
 
 
@@ -114,10 +119,12 @@ def test_labels_drawn_from_the_data(tmp_path):
         common.parse_attrs(['colour=red'], args['vocab'])
 
 
+@pytest.mark.parametrize('recipe', [False, True], ids=['defaults', 'recipe'])
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
-def test_attr_gives_the_asked_colour(module, toy_run, tmp_path):
-    """Trained long enough on red and blue squares, asking for red gives redder images than asking for blue."""
-    _, _, run = toy_run(module)
+def test_attr_gives_the_asked_colour(module, recipe, toy_run, tmp_path):
+    """Trained long enough on red and blue squares, asking for red gives redder images than asking for blue;
+    also with the recipe flags (--upsample, and acgan's --r1: the heads on a BatchNorm-free D)."""
+    _, _, run = toy_run(module, *(RECIPE_FLAGS[module.__name__] if recipe else []))
     ckpt = common.load_checkpoint(run / 'ckpt.pt')
     assert ckpt['model_args']['vocab'] == {'color': ['blue', 'red']}
     red_minus_blue = {}
@@ -163,6 +170,61 @@ def test_ema_and_diffaug(module, faces, tmp_path, monkeypatch):
     train(module, faces, LABELS, tmp_path / 'b', '--epochs', '1', *flags)
     resumed = train(module, faces, LABELS, tmp_path / 'b', '--epochs', '2', '--resume')
     assert_same_state(straight, resumed)
+
+
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_recipe_flags_resume_export_and_sample(module, faces, tmp_path):
+    """--upsample (and acgan's --r1): G grows by resize + conv, acgan's D has no BatchNorm and logs r1; resume
+    is exact; the fp16 export samples --attr from the file alone."""
+    flags = RECIPE_FLAGS[module.__name__] + ['--ema-kimg', '0.02'] + ['--n-critic', '2'] * (module is wacgan_gp)
+    straight = train(module, faces, LABELS, tmp_path / 'a', '--epochs', '2', *flags)
+    train(module, faces, LABELS, tmp_path / 'b', '--epochs', '1', *flags)
+    assert_same_state(straight, train(module, faces, LABELS, tmp_path / 'b', '--epochs', '2', '--resume'))
+    assert straight['model_args']['upsample']
+    G = module.Generator(**straight['model_args'])
+    assert [type(m) for m in G.modules() if isinstance(m, (nn.ConvTranspose2d, nn.Upsample))] == \
+        [nn.ConvTranspose2d] + [nn.Upsample] * 4
+    if module is acgan:
+        D = straight['models']['D']
+        assert not any('running_mean' in k for k in D) and 'features.2.bias' in D
+        rows = np.genfromtxt(tmp_path / 'a' / 'losses.csv', delimiter=',', names=True)
+        assert 'r1' in rows.dtype.names and np.isfinite(rows['r1']).all()
+        # the penalty moves D: same architecture, other weights (a tiny D's input gradients are small: a large gamma)
+        weak, strong = (train(module, faces, LABELS, tmp_path / g, '--epochs', '1', '--r1', g, '--r1-every', '1')
+                        ['models']['D'] for g in ('1e-30', '1e8'))
+        assert not torch.allclose(weak['features.2.weight'], strong['features.2.weight'])
+        for bad in (['--r1-every', '0'], ['--r1', '-1']):
+            with pytest.raises(SystemExit):
+                module.get_args(bad)
+    export = tmp_path / 'G.pt'
+    module.main(['--export', str(export), '--ckpt', str(tmp_path / 'a' / 'ckpt.pt')])
+    module.main(['--sample', '8', '--ckpt', str(export), '--out', str(tmp_path / 's'), '--device', 'cpu', '--attr', 'gender=male'])
+    assert len([f for f in os.listdir(tmp_path / 's') if f[:6].isdigit()]) == 8
+    exported, _ = common.load_generator(str(export))
+    assert torch.equal(exported.state_dict()['net.0.weight'], straight['models']['G_ema']['net.0.weight'].half().float())
+
+
+def test_critic_one_pass_equals_two():
+    """wacgan_gp's critic scores real and fake faces in one pass over both batches: without BatchNorm that
+    gives the scores, the loss and the critic's gradients of two separate passes."""
+    torch.manual_seed(0)
+    D = wacgan_gp.Critic(8, [3, 2])
+    real, fake = torch.randn(6, 3, 64, 64), torch.randn(6, 3, 64, 64)
+    y = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0], [2, 1], [1, 0]])
+    results = []
+    for one_pass in (True, False):
+        D.zero_grad()
+        if one_pass:
+            rs, fs, rc, fc = wacgan_gp.critic_real_fake(D, real, fake)
+        else:
+            (rs, rc), (fs, fc) = D(real), D(fake)
+        loss = wacgan_gp.critic_loss(rs, fs) + wacgan_gp.cls_loss(rc, y) + wacgan_gp.cls_loss(fc, y)
+        loss.backward()
+        outputs = torch.cat([rs[:, None], fs[:, None], *rc, *fc], 1)   # (6, 1 + 1 + 5 + 5)
+        results.append((outputs.detach(), loss.detach(), [p.grad.clone() for p in D.parameters()]))
+    (s1, l1, g1), (s2, l2, g2) = results
+    assert torch.allclose(s1, s2, atol=1e-6) and torch.allclose(l1, l2, atol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g1, g2))
 
 
 def test_gradient_penalty_closed_form():
