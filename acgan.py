@@ -7,7 +7,7 @@ sees. Both players are trained to classify: D on real images by their labels and
 they were made from, G to make fakes that D reads as the labels asked for. The networks are the DCGAN of
 dcgan.py with the labels one-hot into G's input and the classifier heads beside D's real/fake output;
 Adam 2e-4 for both, betas (0.5, 0.999) as in the paper, fuzzy labels 0.9 / 0.1 as the reports' DCGAN.
-Flags as in dcgan.py, each measured in results/conditional.md:
+Flags as in dcgan.py, each measured in results/notes/conditional.md:
 
     --ema-kimg 10             sample from an exponential moving average of G's weights (Karras et al. 2018)
     --diffaug translation,cutout   DiffAugment (Zhao et al. 2020) on every image D sees; leave out `color`
@@ -18,6 +18,7 @@ Flags as in dcgan.py, each measured in results/conditional.md:
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
+    python acgan.py --data faces/ --labels labels.csv --recipe best   # the flags of the shipped ACGAN
     python acgan.py --out runs/acgan --resume                    # continue a stopped run exactly
     python acgan.py --sample 64 --ckpt runs/acgan/ckpt.pt --attr hair=blonde --attr eyes=blue
 
@@ -32,31 +33,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import recipes
+import sampling
+import training
+import dataset
+
+
+# --recipe best: what trains the shipped generator (results/notes/conditional.md has each change with its measured effect)
+BEST = dict(ema_kimg=10.0, diffaug='translation,cutout', epochs=14)
 
 
 def get_args(argv=None):
     p = common.base_parser('acgan', __doc__, epochs=50, batch_size=64)
-    common.add_label_args(p)
+    common.add_conditional_args(p)
     p.add_argument('--z-dim', type=int, default=100, help='latent size (default: %(default)s)')
     p.add_argument('--ngf', type=int, default=64, help='G width: channels of its last hidden layer (default: %(default)s)')
     p.add_argument('--ndf', type=int, default=64, help='D width: channels of its first layer (default: %(default)s)')
-    p.add_argument('--lr-g', type=float, default=2e-4, help='Adam learning rate of G (default: %(default)s)')
-    p.add_argument('--lr-d', type=float, default=2e-4, help='Adam learning rate of D (default: %(default)s)')
-    p.add_argument('--beta1', type=float, default=0.5, help='Adam beta1 (default: %(default)s)')
-    p.add_argument('--beta2', type=float, default=0.999, help='Adam beta2 (default: %(default)s)')
+    common.add_adam_args(p, lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999)
     p.add_argument('--real-label', type=float, default=0.9, help='fuzzy target for real images (default: %(default)s)')
     p.add_argument('--fake-label', type=float, default=0.1, help='fuzzy target for fakes in the D loss (default: %(default)s)')
     p.add_argument('--upsample', action='store_true', help='G grows by nearest-neighbour upsampling + 3x3 conv, not transposed convs')
-    p.add_argument('--r1', type=float, default=0.0,
-                   help='R1 gamma: add gamma/2 * E||grad_x D(x)||^2 of the real/fake logit on real images to D\'s loss, and '
-                        'build D without BatchNorm; 0 = off (default: %(default)s)')
-    p.add_argument('--r1-every', type=int, default=16,
-                   help='with --r1: the penalty every this many steps, weighted by as much (lazy regularisation, '
-                        'StyleGAN2) (default: %(default)s)')
-    p.add_argument('--cls-weight', type=float, default=1.0, help='weight of the classification losses (default: %(default)s)')
-    p.add_argument('--control-n', type=int, default=2000,
-                   help='generated faces on which control.json measures D\'s heads at the end (default: %(default)s)')
-    common.add_ema_diffaug_args(p, ema_kimg=0.0)
+    common.add_r1_args(p)
+    recipes.add_ema_diffaug_args(p, ema_kimg=0.0)
+    common.add_recipe_arg(p, BEST, 'results/acgan_G.pt, FID 103.4 on 10,000 samples, its epoch-14 snapshot')
     return common.parse_args(p, argv)
 
 
@@ -129,7 +128,7 @@ def sample_inputs(model_args, n, device, generator=None, attrs=None):
     """What G(*inputs) needs for n images: z ~ N(0, I) and labels drawn from the data's label
     distribution; attrs ({'hair': 'blonde'}) fixes some attributes, the rest follow the data given them."""
     z = torch.randn(n, model_args['z_dim'], device=device, generator=generator)
-    return z, common.draw_labels(model_args, n, device, generator, attrs)
+    return z, dataset.draw_labels(model_args, n, device, generator, attrs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,7 +175,7 @@ def control_accuracy(G, D, model_args, n, device, seed):
     """Per attribute, how often D's classifier head reads a generated face as the class it was asked for."""
     D.eval()
     hits = torch.zeros(len(model_args['vocab']))
-    for x, (_, y) in common.sample_batches(G, sample_inputs, model_args, n, device, seed, with_inputs=True):
+    for x, (_, y) in sampling.sample_batches(G, sample_inputs, model_args, n, device, seed, with_inputs=True):
         _, logits = D(x.to(device))
         hits += torch.stack([(lg.argmax(1).cpu() == y[:, i]).sum() for i, lg in enumerate(logits)]).float()
     D.train()
@@ -187,9 +186,7 @@ def control_accuracy(G, D, model_args, n, device, seed):
 # Training
 
 def train(args):
-    if args.image_size != 64:
-        common.fail('acgan.py builds 64x64 models; use --image-size 64')
-    run = common.Run(args, 'acgan')
+    run = training.Run(args, 'acgan')
     images = run.load_images()
     labels, label_args = run.load_labels()
     model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample, **label_args)
@@ -198,23 +195,18 @@ def train(args):
     G.apply(init_weights)
     D.apply(init_weights)
     # a second copy of G whose weights trail G's: it samples, G trains
-    G_ema = common.ema_copy(G, run.prepare(Generator(**model_args))) if args.ema_kimg else None
+    G_ema = recipes.ema_copy(G, run.prepare(Generator(**model_args))) if args.ema_kimg else None
     betas = (args.beta1, args.beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=betas, foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, foreach=True)
-    fixed = sample_inputs(model_args, 64, 'cpu', common.sample_rng(args.seed))
-    models = {'G': G, 'D': D}
-    if G_ema is not None:
-        models['G_ema'] = G_ema
-    run.setup(models, {'G': opt_g, 'D': opt_d}, model_args, tuple(t.to(run.device) for t in fixed), sample_inputs,
-              sample_model='G_ema' if G_ema is not None else 'G')
-    ema_beta = common.ema_beta(args.batch_size, args.ema_kimg)
-    aug = lambda x: common.diff_augment(x, args.diffaug)   # identity without --diffaug; the labels stay
+    run.setup(G, D, opt_g, opt_d, model_args, sample_inputs, images, labels, G_ema=G_ema)
+    ema_beta = recipes.ema_beta(args.batch_size, args.ema_kimg)
+    aug = lambda x: recipes.diff_augment(x, args.diffaug)   # identity without --diffaug; the labels stay
 
     r1 = torch.zeros((), device=run.device)   # logged between R1 steps as its last value
 
     B = args.batch_size // run.world
-    for step, real, y_real in run.batches(images, labels):
+    for step, real, y_real in run.batches():
         z, y_fake = sample_inputs(model_args, B, run.device)
         r1_step = args.r1 > 0 and step % args.r1_every == 0
 
@@ -248,7 +240,7 @@ def train(args):
         run.step('G')
         D.requires_grad_(True)
         if G_ema is not None:
-            common.accumulate(G_ema, G, ema_beta)
+            recipes.accumulate(G_ema, G, ema_beta)
 
         run.track(loss_d=loss_d, loss_g=loss_g, **({'r1': r1} if args.r1 else {}), d_real=torch.sigmoid(real_logits.float()).mean(),
                   d_fake=torch.sigmoid(fake_logits.float()).mean(),
@@ -264,7 +256,7 @@ def train(args):
 def main(argv=None):
     args = get_args(argv)
     if args.sample or args.export:
-        return common.sample_main(args, sample_inputs)
+        return sampling.sample_main(args, sample_inputs)
     train(args)
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -86,9 +87,9 @@ def textbook_conditional_img_per_s(module, folder, labels_csv, steps, batch=64, 
     looks its labels up, DataLoader, fp32, loss.item() every step; the script's own models and losses."""
     import torchvision.transforms as T
     from PIL import Image
-    files = [os.path.relpath(f, folder) for f in common.list_images(folder)]
-    y, vocab = common.join_labels(labels_csv, files)
-    model_args = dict(z_dim=100, ngf=64, **common.label_model_args(y, vocab, labels_csv))
+    files = [os.path.relpath(f, folder) for f in dataset.list_images(folder)]
+    y, vocab = dataset.join_labels(labels_csv, files)
+    model_args = dict(z_dim=100, ngf=64, **dataset.label_model_args(y, vocab, labels_csv))
     tf = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
 
     class Faces(torch.utils.data.Dataset):
@@ -151,7 +152,7 @@ def step_gflop(module):
 
 def bench_training(names, data_folder, steps, repeats, labels, script_flags=()):
     work = tempfile.mkdtemp()
-    images, files = common.load_images(data_folder, 64)
+    images, files = dataset.load_images(data_folder, 64)
     cache = os.path.join(work, 'data.pt')
     torch.save({'images': images, 'files': files}, cache)
     for name in names:
@@ -190,7 +191,7 @@ def bench_fid(data_folder, weights, n=500, chunk=100):
     pfi.load_state_dict_from_url = lambda *a, **k: {**sd, 'fc.weight': torch.zeros(1008, 2048), 'fc.bias': torch.zeros(1008)}
     ref = pfi.InceptionV3([3]).eval()
     ours = fid.Extractor('fid', weights)
-    images, _ = common.load_images(data_folder, None, log=lambda m: None)
+    images, _ = dataset.load_images(data_folder, None, log=lambda m: None)
     images = images[:n]
     t_ours, t_ref, diff = [], [], 0.0
     with torch.inference_mode():
@@ -209,9 +210,46 @@ def bench_fid(data_folder, weights, n=500, chunk=100):
           f'{len(images)} images, max |feature diff| {diff:.2e}', flush=True)
 
 
+def bench_critic(steps=10, batch=64):
+    """wacgan_gp.py's critic step taken apart (ms): real and fake in two calls or one, the penalty in fp32 or
+    bf16, and one call over real, fake and interpolates together."""
+    import wacgan_gp as w
+    torch.manual_seed(0)
+    D = w.Critic(64, [10, 6, 2]).to(memory_format=torch.channels_last)
+    D.apply(w.init_weights)
+    real, fake = (torch.randn(batch, 3, 64, 64).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    bf16 = lambda: torch.autocast('cpu', dtype=torch.bfloat16)
+
+    def separate(gp_bf16, one_call=True):
+        with bf16():
+            rs, fs = w.critic_real_fake(D, real, fake)[:2] if one_call else (D(real)[0], D(fake)[0])
+        loss = w.critic_loss(rs.float(), fs.float()) + 10 * w.gradient_penalty(D, w.interpolates(real, fake), bf16() if gp_bf16 else None)
+        loss.backward()
+
+    def fused(use_bf16):
+        x_hat = w.interpolates(real, fake).requires_grad_(True)
+        with bf16() if use_bf16 else contextlib.nullcontext():
+            rs, fs, hs = D(torch.cat([real, fake, x_hat]))[0].float().chunk(3)
+        grad, = torch.autograd.grad(hs.sum(), x_hat, create_graph=True)
+        (w.critic_loss(rs, fs) + 10 * (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()).backward()
+
+    for name, step in [('real + fake in two bf16 calls, fp32 penalty', lambda: separate(False, False)),
+                       ('real + fake in one bf16 call, fp32 penalty (default)', lambda: separate(False)),
+                       ('real + fake in one bf16 call, bf16 penalty (--gp-precision same)', lambda: separate(True)),
+                       ('real, fake, interpolates in one fp32 call', lambda: fused(False)),
+                       ('real, fake, interpolates in one bf16 call', lambda: fused(True))]:
+        for _ in range(3):
+            D.zero_grad(set_to_none=True), step()
+        t = time.time()
+        for _ in range(steps):
+            D.zero_grad(set_to_none=True), step()
+        print(f'critic step: {name:62s} {(time.time() - t) / steps * 1000:6.0f} ms', flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--only', nargs='*', default=['dcgan', 'lsgan', 'acgan', 'wacgan_gp', 'stylegan', 'fid'], help='what to time (default: %(default)s)')
+    p.add_argument('--only', nargs='*', default=['dcgan', 'lsgan', 'acgan', 'wacgan_gp', 'stylegan', 'fid'],
+                   help='what to time; also `critic`: wacgan_gp.py\'s critic step taken apart (default: %(default)s)')
     p.add_argument('--data', default=common.DEFAULT_DATA, help='image folder (default: the bundled faces)')
     p.add_argument('--labels', default=os.path.join(HERE, 'data', 'labels.csv'),
                    help='labels CSV of --data, for acgan and wacgan_gp (default: %(default)s)')
@@ -223,11 +261,13 @@ def main():
                    help='FID Inception weights for both fid.py and pytorch-fid (default: %(default)s)')
     args = p.parse_args()
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 CPU: {common.cpu_has_bf16()}', flush=True)
-    models = [m for m in args.only if m != 'fid']
+    models = [m for m in args.only if m not in ('fid', 'critic')]
     if models:
         bench_training(models, args.data, args.steps, args.repeats, args.labels, args.script_flags.split())
     if 'fid' in args.only:
         bench_fid(args.data, args.weights)
+    if 'critic' in args.only:
+        bench_critic()
 
 
 if __name__ == '__main__':

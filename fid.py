@@ -34,6 +34,8 @@ from scipy import linalg
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionC, InceptionE
 
 import common
+import dataset
+import sampling
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
@@ -45,6 +47,10 @@ WEIGHT_CANDIDATES = [
     os.path.join(common.HERE, '..', 'shared', 'weights', 'pt_inception-2015-12-05-nofc.pth'),
 ]
 MIN_HELDOUT = 20   # the 1st percentile of fewer held-out distances is just their minimum
+# Two faces closer than this in pixel space (L2 over the 64 x 64 x 3 values, 0-255) are the same picture: a
+# crawl that stored one image under several names, maybe re-encoded. Measured on the 18,992 shared faces: such
+# pairs are 0-500 apart, a face and its nearest other face typically 5,000-6,000 (results/novelty.md).
+DUPLICATE_L2 = 500.0
 MIN_FID_N = 2048   # below the feature dimension the covariance is singular and FID strongly biased
 
 
@@ -108,11 +114,18 @@ def load_fid_weights(path=None):
             return torch.load(p, map_location='cpu', weights_only=True)
     if path:
         common.fail(f'--weights {path}: no such file')
-    try:   # the users' path: pytorch-fid's release file, cached by torch.hub for next time
-        return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location='cpu', progress=True)
-    except Exception as e:
-        common.fail(f'could not download the FID Inception weights ({type(e).__name__}); download '
-                    f'{FID_WEIGHTS_URL} by hand and pass --weights FILE (or set FID_WEIGHTS)')
+    return download_weights(FID_WEIGHTS_URL, 'the FID Inception weights', 'FID_WEIGHTS')   # cached by torch.hub
+
+
+def download_weights(url, what, env=None):
+    """A state_dict from url, kept in torch's hub folder for next time; without a network, one line that says
+    what could not be fetched, from where, and how to point at a copy fetched by hand."""
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location='cpu', progress=True)
+    except Exception as e:   # URLError, HTTPError, timeouts, a proxy's page: all end the same way
+        cache = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+        common.fail(f'could not download {what} from {url} ({type(e).__name__}: {str(e)[:80]}); fetch that file by '
+                    f'hand and pass --weights FILE' + (f', set {env}=FILE' if env else '') + f', or put it at {cache}')
 
 
 @torch.no_grad()
@@ -137,12 +150,15 @@ class Extractor(nn.Module):
         self.kind = kind
         if kind == 'fid':
             self.net = fid_inception(weights)
-        else:   # torchvision's ImageNet weights: downloaded by torchvision on first use
-            self.net = torchvision.models.inception_v3(weights='DEFAULT' if weights is None else None,
-                                                       aux_logits=True, init_weights=False)
+        else:   # torchvision's ImageNet weights: downloaded on first use, into torch's hub folder
+            self.net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
             self.net.aux_logits, self.net.AuxLogits = False, None
-            if weights:
-                self.net.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True), strict=False)
+            url = torchvision.models.Inception_V3_Weights.DEFAULT.url
+            if weights and not os.path.isfile(weights):
+                common.fail(f'--weights {weights}: no such file')
+            sd = (torch.load(weights, map_location='cpu', weights_only=True) if weights
+                  else download_weights(url, 'torchvision\'s Inception-v3 weights'))
+            self.net.load_state_dict(sd, strict=False)
             self.net.fc = nn.Identity()
             self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
             self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
@@ -242,22 +258,51 @@ def precision_recall(real, fake, k=3, chunk=1024):
     return inside_any(fake, real), inside_any(real, fake)
 
 
-def novelty(gen, train, heldout, chunk=1024):
+def novelty(gen, train, heldout, chunk=1024, copy_distance=None):
     """Are generated faces new? Nearest-training-face distances of generated faces against those of real
     faces never trained on. ratio = median(gen -> train) / median(held-out -> train): about 1 means as new
     as real faces, far below 1 means copies. memorized = share of generated faces closer to a training face
-    than the 1st percentile of held-out -> train distances."""
+    than `threshold`, the 1st percentile of held-out -> train distances: the held-out faces must have no
+    duplicate on the training side (clean_heldout), or that percentile is 0 and nothing can be flagged.
+    copy_distance: also the share of generated faces within it of a training face (verbatim copies)."""
     d_gen = nearest(gen, train, 1, chunk)[0][:, 0]
     d_held = nearest(heldout, train, 1, chunk)[0][:, 0]
-    return {'ratio': (d_gen.median() / d_held.median()).item(),
-            'memorized': (d_gen < torch.quantile(d_held, 0.01)).float().mean().item()}
+    threshold = torch.quantile(d_held, 0.01)
+    out = {'ratio': (d_gen.median() / d_held.median()).item(), 'memorized': (d_gen < threshold).float().mean().item(),
+           'threshold': threshold.item(), 'n_heldout': len(heldout)}
+    if copy_distance is not None:
+        out['copies'] = (d_gen < copy_distance).float().mean().item()
+    return out
+
+
+def duplicate_pairs(images, threshold=DUPLICATE_L2, chunk=1024):
+    """Pairs (i, j), i < j, of images closer than threshold in pixel L2, and their distances: the exact and
+    near-exact copies in a set of uint8 images. Block by block over the upper triangle: seconds for 19k faces."""
+    x = torch.as_tensor(images).flatten(1)
+    pairs = [torch.zeros((0, 2), dtype=torch.long)]
+    for i in range(0, len(x), chunk):
+        a = x[i:i + chunk].float()
+        for j in range(i, len(x), chunk):
+            d = torch.cdist(a, x[j:j + chunk].float())
+            if i == j:   # each pair once, and no image with itself
+                d.masked_fill_(torch.ones(d.shape, dtype=torch.bool).tril(), float('inf'))
+            ii, jj = (d < threshold).nonzero(as_tuple=True)
+            pairs.append(torch.stack([ii + i, jj + j], 1))
+    pairs = torch.cat(pairs)
+    # the exact distances of the few pairs found (cdist's matrix-product form puts identical images ~10 apart)
+    return pairs, (x[pairs[:, 0]].float() - x[pairs[:, 1]].float()).norm(dim=1)
+
+
+def clean_heldout(heldout, train, threshold=DUPLICATE_L2, chunk=1024):
+    """Mask of the held-out faces with no duplicate on the training side (pixel L2 >= threshold to all of them)."""
+    return nearest(heldout, train, 1, chunk)[0][:, 0] >= threshold
 
 
 def nearest_grid(gen, train, idx, path, rows=16):
     """Each row: a generated face, then its nearest training faces in order (uint8 images)."""
     k = idx.shape[1]
     x = torch.cat([torch.cat([gen[i:i + 1], train[idx[i]]]) for i in range(min(rows, len(gen)))])
-    common.save_grid(x.float() / 127.5 - 1, path, nrow=k + 1)
+    sampling.save_grid(x.float() / 127.5 - 1, path, nrow=k + 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,6 +320,16 @@ def extract(extractor, batches, n, device, log=print, what=''):
     return torch.cat(feats).numpy()
 
 
+def score_generator(G, sample_inputs, model_args, n, stats, extractor, device, seed):
+    """-> (FID, KID or None) of n fresh samples of G against a statistics .npz: the in-run score of a training
+    run's --fid-every. KID where the .npz keeps features (as --save-stats writes): unlike FID it has no bias
+    from the sample count, so scores at different n compare."""
+    batches = (as_uint8(x) for x in sampling.sample_batches(G, sample_inputs, model_args, n, device, seed + 2))
+    feats = extract(extractor, batches, n, device, log=lambda m: None)
+    real, mu, sigma, _ = features_of(stats, extractor, None)
+    return frechet_distance(*statistics(feats), mu, sigma), (kid(feats, real, seed=seed)[0] if real is not None else None)
+
+
 def uint8_batches(images, batch_size):
     for i in range(0, len(images), batch_size):
         yield images[i:i + batch_size]
@@ -282,16 +337,16 @@ def uint8_batches(images, batch_size):
 
 def as_uint8(x):
     """Generated images in [-1, 1] -> uint8 NCHW, rounded exactly as a saved PNG is (FID depends on it)."""
-    return torch.from_numpy(common.to_uint8(x)).permute(0, 3, 1, 2)
+    return torch.from_numpy(sampling.to_uint8(x)).permute(0, 3, 1, 2)
 
 
 def checkpoint_batches(ckpt, n, batch_size, device, seed, save_dir=None, keep=None):
     """uint8 batches of n samples of a checkpoint's generator; appended to `keep` (a list) if given."""
-    G, module = common.load_generator(ckpt, device)
+    G, module = sampling.load_generator(ckpt, device)
     i = 0
-    for x in common.sample_batches(G, module.sample_inputs, ckpt['model_args'], n, device, seed, batch_size):
+    for x in sampling.sample_batches(G, module.sample_inputs, ckpt['model_args'], n, device, seed, batch_size):
         if save_dir:
-            common.save_pngs(x, save_dir, start=i)
+            sampling.save_pngs(x, save_dir, start=i)
             i += len(x)
         x = as_uint8(x)
         if keep is not None:
@@ -328,7 +383,7 @@ def features_of(src, extractor, args, log=print, images_out=None):
                                      kept if images_out is not None else None)   # keep images only when asked
         n, names = args.n, [f'{i:06d}' for i in range(args.n)]
     else:
-        images, names = common.load_images(src, size=args.image_size, log=log)
+        images, names = dataset.load_images(src, size=args.image_size, log=log)
         if args.limit:
             images, names = images[:args.limit], names[:args.limit]
         batches, n = uint8_batches(images, args.batch_size), len(images)
@@ -364,7 +419,7 @@ def save_stats(path, feats, mu, sigma, kind, max_features=5000):
     os.replace(tmp, path)
 
 
-def main(argv=None):
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('a', help='folder/.zip of images, statistics .npz, data cache .pt, or a generator checkpoint .pt')
     p.add_argument('b', nargs='?', help='the second input (omit with --save-stats)')
@@ -396,10 +451,10 @@ def main(argv=None):
                    help='with --out: grids of generated faces each followed by its K nearest training faces; implies --novelty')
     p.add_argument('--out', metavar='DIR', help='write metrics.json (and the --nearest grids) here')
     p.add_argument('--cache', metavar='DIR', help='cache the features of image inputs here, reused while the images are the same')
+    p.add_argument('--duplicates', action='store_true', help=f'only list the pairs of A\'s images closer than '
+                   f'{DUPLICATE_L2:g} in pixel L2 (the same picture under two names); with --out: duplicates.csv and a grid of pairs')
     args = p.parse_args(argv)
-    if hasattr(sys.stdout, 'reconfigure'):  # progress reaches a log file as it happens (nohup ... > log)
-        sys.stdout.reconfigure(line_buffering=True)
-    if not args.save_stats and not args.b:
+    if not args.save_stats and not args.b and not args.duplicates:
         p.error('give two inputs to compare, or one with --save-stats OUT.npz')
     args.novelty = args.novelty or args.nearest > 0
     if args.nearest and not args.out:
@@ -408,12 +463,21 @@ def main(argv=None):
         p.error('--novelty and --nearest compare images: give A and B as checkpoints, folders, .zip or data .pt, not .npz')
     if not 0 < args.heldout_frac < 1 or args.pr_k < 1 or args.nearest < 0:
         p.error('--heldout-frac must be in (0, 1), --pr-k >= 1 and --nearest >= 0')
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if hasattr(sys.stdout, 'reconfigure'):  # progress reaches a log file as it happens (nohup ... > log)
+        sys.stdout.reconfigure(line_buffering=True)
     args.device = common.pick_device(args.device)
     if args.device.type == 'cpu':
         common.set_cpu_threads()
     for src in [args.a] + ([args.b] if args.b else []):
         if not os.path.exists(src):
             common.fail(f'{src}: no such file or folder')
+    if args.duplicates:
+        return duplicates_report(args.a, args.out)
     extractor = Extractor(args.inception, args.weights).to(args.device)
     t0 = time.time()
     ima, imb = {}, {}
@@ -426,7 +490,19 @@ def main(argv=None):
         fb, mub, sb, nb, imb = fa, mua, sa, na, ima
     else:
         fb, mub, sb, nb = features_of(args.b, extractor, args, images_out=imb if args.novelty else None)
-    fid = frechet_distance(mua, sa, mub, sb)
+    result = compare(args, fa, mua, sa, na, fb, mub, sb, nb, t0)
+    if args.novelty:
+        result.update(novelty_report(args, extractor, fa, ima['images'], fb, imb))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def compare(args, fa, mua, sa, na, fb, mub, sb, nb, t0):
+    """FID of A against B; KID and precision / recall where both sides have features. Prints one line."""
+    fid = max(frechet_distance(mua, sa, mub, sb), 0.0)   # a tiny negative from rounding (A against itself) is 0
     result = {'fid': fid, 'n': [na, nb], 'inception': args.inception, 'a': args.a, 'b': args.b}
     line = f'FID {fid:.2f}'
     if fa is not None and fb is not None:
@@ -438,12 +514,29 @@ def main(argv=None):
         line += f'  KID {k * 1000:.2f} +- {ks * 1000:.2f} (x1e-3)  precision {pr:.3f} recall {rc:.3f} (k={args.pr_k}, N={m})'
     print(f'{line}  | N = {na or "?"} vs {nb or "?"}, inception {args.inception}, pool3 2048-d, '
           f'input resized bilinear to 299, {time.time() - t0:.0f}s')
-    if args.novelty:
-        result.update(novelty_report(args, extractor, fa, ima['images'], fb, imb))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
+    return result
+
+
+def duplicates_report(src, out=None, pairs_shown=24):
+    """The duplicate pairs of a folder of faces: counts printed; duplicates.csv and duplicates.png written to out."""
+    images, names = dataset.load_images(src, 64)
+    t0 = time.time()
+    pairs, dists = duplicate_pairs(images)
+    n_dup = len(torch.unique(pairs)) if len(pairs) else 0
+    print(f'{src}: {len(pairs)} pairs closer than {DUPLICATE_L2:g} in pixel L2 ({int((dists == 0).sum())} identical); '
+          f'{n_dup} of {len(images)} faces ({n_dup / len(images):.1%}) have a duplicate ({time.time() - t0:.0f}s)')
+    result = {'pairs': len(pairs), 'identical': int((dists == 0).sum()), 'faces_with_duplicate': n_dup,
+              'faces': len(images), 'threshold': DUPLICATE_L2}
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, 'duplicates.csv'), 'w') as f:
+            f.write('file_a,file_b,pixel_l2\n' + ''.join(f'{names[i]},{names[j]},{d:.1f}\n' for (i, j), d in zip(pairs.tolist(), dists.tolist())))
+        shown = torch.linspace(0, len(pairs) - 1, min(pairs_shown, len(pairs))).long() if len(pairs) else []
+        if len(shown):   # each row: a face and its duplicate, side by side; pairs spread over the whole list
+            sampling.save_grid(images[pairs[shown].flatten()].float() / 127.5 - 1, os.path.join(out, 'duplicates.png'), nrow=8)
+        with open(os.path.join(out, 'duplicates.json'), 'w') as f:
             json.dump(result, f, indent=2)
+        print(f'wrote {out}/duplicates.csv, duplicates.json' + (', duplicates.png (pairs side by side, 4 per row)' if len(shown) else ''))
     return result
 
 
@@ -461,14 +554,19 @@ def novelty_report(args, extractor, gen_feats, gen_images, real_feats, real):
         train_feats, held_feats = real_feats[train_idx], real_feats[held_idx]
         train_images, held_images = real['images'][train_idx], real['images'][held_idx]
         where = f'the last {args.heldout_frac:.0%} of {args.b} by file name ({n_held} faces)'
+    clean = clean_heldout(held_images, train_images)   # a held-out copy of a training face is no held-out face
+    held_feats, held_images, dropped = held_feats[clean.numpy()], held_images[clean], int((~clean).sum())
     if len(held_images) < MIN_HELDOUT:
-        common.fail(f'held-out split {where} is too small for --novelty (need >= {MIN_HELDOUT}): raise '
-                    f'--heldout-frac or pass --heldout DIR with more real faces never trained on')
+        common.fail(f'held-out split {where} is too small for --novelty: {len(held_images)} faces without a duplicate '
+                    f'in the training side (need >= {MIN_HELDOUT}); raise --heldout-frac or pass --heldout DIR with '
+                    f'more real faces never trained on')
     pool = novelty(gen_feats, train_feats, held_feats)
-    pixel = novelty(gen_images, train_images, held_images)
-    print(f'novelty vs {len(train_images)} training faces, held out: {where}\n'
-          f'  pool3: median NN distance ratio {pool["ratio"]:.3f}, memorized {pool["memorized"]:.1%}\n'
-          f'  pixel: median NN distance ratio {pixel["ratio"]:.3f}, memorized {pixel["memorized"]:.1%}'
+    pixel = novelty(gen_images, train_images, held_images, copy_distance=DUPLICATE_L2)
+    print(f'novelty vs {len(train_images)} training faces, held out: {where}, of which {dropped} dropped as duplicates '
+          f'of training faces (pixel L2 < {DUPLICATE_L2:g}), {len(held_images)} used\n'
+          f'  pool3: median NN distance ratio {pool["ratio"]:.3f}, memorized {pool["memorized"]:.1%} (closer than {pool["threshold"]:.2f})\n'
+          f'  pixel: median NN distance ratio {pixel["ratio"]:.3f}, memorized {pixel["memorized"]:.1%} (closer than '
+          f'{pixel["threshold"]:.0f}), copies {pixel["copies"]:.1%} (closer than {DUPLICATE_L2:g})'
           f'  (ratio ~1: as new as real faces; << 1: copies)')
     if args.nearest:
         for space, (g, t) in {'pool3': (gen_feats, train_feats), 'pixel': (gen_images, train_images)}.items():
@@ -476,7 +574,8 @@ def novelty_report(args, extractor, gen_feats, gen_images, real_feats, real):
             nearest_grid(gen_images, train_images, idx, os.path.join(args.out, f'nearest_{space}.png'))
         print(f'wrote {args.out}/nearest_pool3.png and nearest_pixel.png: each generated face, then its '
               f'{args.nearest} nearest training faces')
-    return {'novelty_pool3': pool, 'novelty_pixel': pixel, 'heldout': where, 'n_train': len(train_images)}
+    return {'novelty_pool3': pool, 'novelty_pixel': pixel, 'heldout': where, 'heldout_dropped': dropped,
+            'n_train': len(train_images)}
 
 
 if __name__ == '__main__':

@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import dataset
+import sampling
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,14 +164,14 @@ def colour_baseline(images, y, train_idx, val_idx, vocab):
 
 def train(args):
     common.seed_everything(args.seed)
-    images, files = common.load_images(args.data, 64)
-    _, table = common.read_labels_csv(args.labels)
+    images, files = dataset.load_images(args.data, 64)
+    _, table = dataset.read_labels_csv(args.labels)
     known = set(files) | {os.path.basename(f) for f in files}
     lost = [k for k in table if k not in known]
     if lost:   # a hand label that trains nothing is a typo or the wrong folder
         common.fail(f'--labels {args.labels}: {len(lost)} labelled file(s) are not in --data {args.data}, e.g. {lost[0]}; '
                     f'fix the names or point --data at the folder they come from')
-    y, vocab = common.join_labels(args.labels, files, require_all=False)
+    y, vocab = dataset.join_labels(args.labels, files, require_all=False)
     train_idx, val_idx = split(y, args.val_frac, args.seed)
     unlabelled = torch.nonzero((y < 0).all(1)).flatten()
     print(f'{len(images)} faces: {len(train_idx)} labelled for training, {len(val_idx)} held out, '
@@ -244,7 +246,7 @@ def load_classifier(path):
 
 def predict(args):
     model, vocab = load_classifier(args.ckpt)
-    images, files = common.load_images(args.data, 64)
+    images, files = dataset.load_images(args.data, 64)
     probs = predict_probs(model, images)
     tmp = args.out + '.tmp'
     with open(tmp, 'w', newline='') as f:
@@ -268,27 +270,27 @@ def score(args):
     """Attribute shares of generated faces, how often the asked-for attributes (--attr) appear, and, for a
     conditional generator, how often each face carries the labels it was generated from (asked = got)."""
     model, vocab = load_classifier(args.ckpt)
-    asked = common.parse_attrs(args.attr, vocab)
+    asked = dataset.parse_attrs(args.attr, vocab)
     result = {'n': 0, 'shares': {}, 'asked': {}}
     labels = None
     if os.path.isfile(args.gen) and args.gen.endswith('.pt'):
         ckpt = common.load_checkpoint(args.gen)
-        G, module = common.load_generator(ckpt)
+        G, module = sampling.load_generator(ckpt)
         gen_vocab = ckpt['model_args'].get('vocab')
         xs, ys = [], []
-        for x, inputs in common.sample_batches(G, module.sample_inputs, ckpt['model_args'], args.n, 'cpu', args.seed,
+        for x, inputs in sampling.sample_batches(G, module.sample_inputs, ckpt['model_args'], args.n, 'cpu', args.seed,
                                                attrs=asked if gen_vocab else None, with_inputs=True):
             xs.append(x)
             ys.append(inputs[1] if gen_vocab else None)
-        images = torch.from_numpy(common.to_uint8(torch.cat(xs))).permute(0, 3, 1, 2)
+        images = torch.from_numpy(sampling.to_uint8(torch.cat(xs))).permute(0, 3, 1, 2)
         if gen_vocab:
             labels = torch.cat(ys)
     else:
-        images, _ = common.load_images(args.gen, 64)
+        images, _ = dataset.load_images(args.gen, 64)
     probs = predict_probs(model, images)
     result['n'] = len(images)
     if args.real:   # the same classifier on real faces: the shares a generator should match (e.g. male share)
-        real_probs = predict_probs(model, common.load_images(args.real, 64)[0])
+        real_probs = predict_probs(model, dataset.load_images(args.real, 64)[0])
         result['real_shares'] = {a: {v: (real_probs[i].argmax(1) == c).float().mean().item() for c, v in enumerate(vocab[a])}
                                  for i, a in enumerate(vocab)}
     for i, a in enumerate(vocab):

@@ -11,6 +11,8 @@ from PIL import Image
 
 import acgan
 import common
+import dataset
+import sampling
 import label
 import wacgan_gp
 from common import UserError
@@ -88,10 +90,10 @@ def test_run_folder_and_sampling(module, faces, tmp_path):
     for a, classes in vocab.items():
         assert Image.open(out / f'attr_{a}.png').height == 2 + 66 * len(classes)
     # sampling from the checkpoint alone, with asked-for attributes: the labels fed to G are the asked ones
-    G, mod = common.load_generator(ckpt)
+    G, mod = sampling.load_generator(ckpt)
     z, y = mod.sample_inputs(ckpt['model_args'], 50, 'cpu', torch.Generator().manual_seed(0), attrs={'hair': 'blonde'})
     assert (y[:, 0] == vocab['hair'].index('blonde')).all() and y.shape == (50, 3)
-    x = common.generate(G, (z, y))
+    x = sampling.generate(G, (z, y))
     assert x.shape == (50, 3, 64, 64)
     sample = tmp_path / 'sample'
     module.main(['--sample', '12', '--ckpt', str(out / 'ckpt.pt'), '--out', str(sample), '--device', 'cpu',
@@ -104,19 +106,19 @@ def test_labels_drawn_from_the_data(tmp_path):
     """Fake labels follow the joint distribution of the labelled rows; asking for a value draws the rest
     given it; a combination the data never shows is still honoured."""
     y = torch.tensor([[0, 0]] * 6 + [[1, 1]] * 3 + [[1, -1]] * 5)
-    args = common.label_model_args(y, {'hair': ['blonde', 'red'], 'eyes': ['blue', 'green']}, 'x.csv')
+    args = dataset.label_model_args(y, {'hair': ['blonde', 'red'], 'eyes': ['blue', 'green']}, 'x.csv')
     assert sorted(args['label_prior']) == [[0, 0, 6], [1, 1, 3]]   # rows with an unknown are left out
     g = torch.Generator().manual_seed(0)
-    drawn = common.draw_labels(args, 3000, generator=g)
+    drawn = dataset.draw_labels(args, 3000, generator=g)
     assert abs((drawn[:, 0] == 0).float().mean().item() - 2 / 3) < 0.03
     assert (drawn[:, 0] == drawn[:, 1]).all()   # hair and eyes go together, as in the data
-    assert (common.draw_labels(args, 100, generator=g, attrs={'hair': 'red'}) == 1).all()
-    unseen = common.draw_labels(args, 100, generator=g, attrs={'hair': 'red', 'eyes': 'blue'})
+    assert (dataset.draw_labels(args, 100, generator=g, attrs={'hair': 'red'}) == 1).all()
+    unseen = dataset.draw_labels(args, 100, generator=g, attrs={'hair': 'red', 'eyes': 'blue'})
     assert (unseen[:, 0] == 1).all() and (unseen[:, 1] == 0).all()
     with pytest.raises(UserError, match=r'unknown hair .*blonde\|red'):
-        common.draw_labels(args, 1, attrs={'hair': 'pink'})
+        dataset.draw_labels(args, 1, attrs={'hair': 'pink'})
     with pytest.raises(UserError, match='unknown attribute .*known: hair, eyes'):
-        common.parse_attrs(['colour=red'], args['vocab'])
+        dataset.parse_attrs(['colour=red'], args['vocab'])
 
 
 @pytest.mark.parametrize('recipe', [False, True], ids=['defaults', 'recipe'])
@@ -165,7 +167,7 @@ def test_ema_and_diffaug(module, faces, tmp_path, monkeypatch):
     assert not torch.equal(G['net.0.weight'], G_ema['net.0.weight'])        # it trails G
     assert torch.equal(measured[0], G_ema['net.0.weight'])                  # control.json reads the EMA G
     assert os.path.isfile(tmp_path / 'a' / 'control.json')
-    exported, _ = common.load_generator(common.generator_checkpoint(straight))
+    exported, _ = sampling.load_generator(sampling.generator_checkpoint(straight))
     assert torch.equal(exported.state_dict()['net.0.weight'], G_ema['net.0.weight'])
     train(module, faces, LABELS, tmp_path / 'b', '--epochs', '1', *flags)
     resumed = train(module, faces, LABELS, tmp_path / 'b', '--epochs', '2', '--resume')
@@ -200,7 +202,7 @@ def test_recipe_flags_resume_export_and_sample(module, faces, tmp_path):
     module.main(['--export', str(export), '--ckpt', str(tmp_path / 'a' / 'ckpt.pt')])
     module.main(['--sample', '8', '--ckpt', str(export), '--out', str(tmp_path / 's'), '--device', 'cpu', '--attr', 'gender=male'])
     assert len([f for f in os.listdir(tmp_path / 's') if f[:6].isdigit()]) == 8
-    exported, _ = common.load_generator(str(export))
+    exported, _ = sampling.load_generator(str(export))
     assert torch.equal(exported.state_dict()['net.0.weight'], straight['models']['G_ema']['net.0.weight'].half().float())
 
 

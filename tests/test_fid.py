@@ -10,6 +10,7 @@ from PIL import Image
 from scipy import linalg
 
 import common
+import dataset
 import fid
 from common import UserError
 from conftest import FACES, SHARED, TINY
@@ -92,7 +93,7 @@ def test_pool3_features_match_pytorch_fid(extractor, monkeypatch):
         **sd, 'fc.weight': torch.zeros(1008, 2048), 'fc.bias': torch.zeros(1008)})
     ref = pytorch_fid_inception.InceptionV3([3]).eval()
     g = torch.Generator().manual_seed(0)
-    real, _ = common.load_images(FACES, None, log=lambda m: None)
+    real, _ = dataset.load_images(FACES, None, log=lambda m: None)
     x = torch.cat([real[:2], torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g)])
     with torch.inference_mode():
         ours = extractor(x)
@@ -107,7 +108,7 @@ def test_folder_against_itself_cache_roundtrip_and_kid(tmp_path, capsys, extract
     stats = str(tmp_path / 'faces.npz')
     fid.main([FACES, '--save-stats', stats, *a])
     z = np.load(stats)
-    real, _ = common.load_images(FACES, None, log=lambda m: None)
+    real, _ = dataset.load_images(FACES, None, log=lambda m: None)
     with torch.inference_mode():
         mu, sigma = fid.statistics(extractor(real[:24]).numpy())
     assert z['mu'].dtype == np.float64 and int(z['n']) == 24 and str(z['inception']) == 'fid'
@@ -115,6 +116,7 @@ def test_folder_against_itself_cache_roundtrip_and_kid(tmp_path, capsys, extract
     assert z['features'].shape == (24, 2048)
     assert abs(fid.main([stats, FACES, *a])['fid']) < 0.05          # the same images, cached vs. fresh: ~0
     out = capsys.readouterr().out
+    assert 'FID -' not in out   # a tiny negative from rounding prints as 0.00
     assert 'KID' in out and 'N = 24 vs 24' in out and 'img/s' in out
     # pytorch-fid's own .npz (mu and sigma only) is accepted; KID then has no features to use
     np.savez(tmp_path / 'plain.npz', mu=z['mu'], sigma=z['sigma'])
@@ -182,6 +184,24 @@ def test_torchvision_extractor_offline(tmp_path):
     assert f.shape == (2, 2048) and torch.isfinite(f).all()
 
 
+@pytest.mark.parametrize('kind', ['fid', 'torchvision'])
+def test_failed_download_is_one_line(kind, tmp_path, monkeypatch, capsys):
+    """Offline with no local copy: not a URLError traceback but one line saying what could not be fetched, from
+    where, and the flag / variable / folder that takes a copy fetched by hand; exit code 1."""
+    import urllib.error
+
+    def offline(url, *a, **k):
+        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    monkeypatch.setattr(fid, 'WEIGHT_CANDIDATES', [str(tmp_path / 'absent.pth')])
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(fid.main, [FACES, FACES, '--inception', kind, '--allow-small'])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and '\n' not in err and err.startswith('error: could not download')
+    assert 'https://' in err and '--weights FILE' in err and 'URLError' in err and 'checkpoints' in err
+    assert ('FID_WEIGHTS=FILE' in err) == (kind == 'fid')
+
+
 # ----------------------------------------------------------------------------------------------------
 # Precision / recall, novelty, nearest neighbours (issue: new faces, not copies)
 
@@ -217,6 +237,76 @@ def test_novelty_flags_copies():
 
 
 @needs_weights
+def planted(seed=0):
+    """Bundled faces without their own duplicate pairs, split into training faces, held-out faces and new faces;
+    the held-out side also gets 40 planted duplicates of training faces (30 exact, 10 re-encoded: +-2 per value)."""
+    images, _ = dataset.load_images(FACES, 64, log=lambda m: None)
+    pairs, _ = fid.duplicate_pairs(images)
+    keep = torch.ones(len(images), dtype=torch.bool)
+    keep[pairs.flatten()] = False
+    images = images[keep]
+    train, held, new = images[:200], images[200:260], images[260:320]
+    g = torch.Generator().manual_seed(seed)
+    noisy = (train[30:40].int() + torch.randint(-2, 3, train[30:40].shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    return train, torch.cat([held, train[:30], noisy]), new
+
+
+def test_duplicates_found_and_held_out_side_cleaned():
+    train, held, _ = planted()
+    pairs, dists = fid.duplicate_pairs(torch.cat([train, held]), chunk=64)   # blocks smaller than the set
+    assert sorted(map(tuple, pairs.tolist())) == [(i, 260 + i) for i in range(40)]
+    assert (dists[:30] == 0).all() and (dists[30:] > 0).all() and (dists < fid.DUPLICATE_L2).all()
+    clean = fid.clean_heldout(held, train)
+    assert clean[:60].all() and not clean[60:].any()
+
+
+def test_novelty_flags_a_copying_generator_despite_duplicates_in_the_data():
+    """With held-out faces that are copies of training faces, the 1st percentile of held-out distances is 0
+    and a generator that returns training faces passes as new. Held out without them, it is flagged."""
+    train, held, new = planted()
+    copying = train[100:160]
+    unclean = fid.novelty(copying, train, held)
+    assert unclean['threshold'] < fid.DUPLICATE_L2 and unclean['memorized'] < 0.5   # the check that cannot fail
+    clean = held[fid.clean_heldout(held, train)]
+    copies = fid.novelty(copying, train, clean, copy_distance=fid.DUPLICATE_L2)
+    assert copies['memorized'] > 0.9 and copies['copies'] == 1.0 and copies['ratio'] < 0.01
+    assert copies['threshold'] > 10 * fid.DUPLICATE_L2 and copies['n_heldout'] == 60
+    fresh = fid.novelty(new, train, clean, copy_distance=fid.DUPLICATE_L2)
+    assert fresh['memorized'] < 0.1 and fresh['copies'] == 0 and 0.7 < fresh['ratio'] < 1.4
+
+
+def test_duplicates_cli(tmp_path, capsys):
+    train, held, _ = planted()
+    folder = tmp_path / 'faces'
+    folder.mkdir()
+    for i, a in enumerate(torch.cat([train, held])):
+        Image.fromarray(a.permute(1, 2, 0).numpy()).save(folder / f'{i:04d}.png')
+    res = fid.main([str(folder), '--duplicates', '--out', str(tmp_path / 'dup')])
+    assert res == {'pairs': 40, 'identical': 30, 'faces_with_duplicate': 80, 'faces': 300, 'threshold': fid.DUPLICATE_L2}
+    rows = open(tmp_path / 'dup' / 'duplicates.csv').read().split()
+    assert rows[0] == 'file_a,file_b,pixel_l2' and rows[1].startswith('0000.png,0260.png,0.0') and len(rows) == 41
+    assert os.path.isfile(tmp_path / 'dup' / 'duplicates.png')
+    assert '80 of 300 faces (26.7%) have a duplicate' in capsys.readouterr().out
+
+
+@needs_weights
+def test_novelty_cli_drops_held_out_duplicates(tmp_path, capsys):
+    """fid.py --novelty with planted duplicates in --heldout: they are dropped and counted, the thresholds
+    come from the rest (above 0), and a generator of training faces is flagged in both spaces."""
+    train, held, _ = planted()
+    for name, faces in (('train', train), ('held', held), ('gen', train[100:160])):
+        (tmp_path / name).mkdir()
+        for i, a in enumerate(faces):
+            Image.fromarray(a.permute(1, 2, 0).numpy()).save(tmp_path / name / f'{i:04d}.png')
+    res = fid.main([str(tmp_path / 'gen'), str(tmp_path / 'train'), '--heldout', str(tmp_path / 'held'), '--novelty',
+                    '--weights', WEIGHTS, '--allow-small', '--device', 'cpu'])
+    assert res['heldout_dropped'] == 40 and res['novelty_pixel']['n_heldout'] == res['novelty_pool3']['n_heldout'] == 60
+    assert res['novelty_pixel']['threshold'] > fid.DUPLICATE_L2 and res['novelty_pool3']['threshold'] > 1
+    assert res['novelty_pixel']['memorized'] > 0.9 and res['novelty_pool3']['memorized'] > 0.9
+    assert res['novelty_pixel']['copies'] == 1.0
+    assert 'of which 40 dropped as duplicates' in capsys.readouterr().out
+
+
 def test_nearest_cli_on_a_copying_generator(tmp_path):
     """A 'generator' whose faces are training faces: memorized ~100% in pixel space, and the grid shows each
     face next to its identical training face."""

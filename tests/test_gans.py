@@ -15,6 +15,10 @@ from PIL import Image
 import common
 import dcgan
 import lsgan
+import progress
+import recipes
+import sampling
+import training
 from common import UserError
 from conftest import ROOT, TINY
 
@@ -51,12 +55,34 @@ def test_run_folder(module, faces, tmp_path):
     im = Image.open(out / 'samples' / samples[0])
     assert im.size == (64, 64) and im.mode == 'RGB'
     assert Image.open(out / 'progress.gif').n_frames == 3
-    assert Image.open(out / 'loss_curve.png').size == (800, 450)
+    assert Image.open(out / 'loss_curve.png').width >= 800      # a panel per logged value (plots.plot_losses)
     assert os.path.exists(out / 'data_64.pt') and 'done' in open(out / 'log.txt').read()
     # the sampling generator rebuilds from the checkpoint alone and makes 64x64 images in [-1, 1]
-    G, _ = common.load_generator(ckpt)
-    x = common.generate(G, module.sample_inputs(ckpt['model_args'], 3, 'cpu'))
+    G, _ = sampling.load_generator(ckpt)
+    x = sampling.generate(G, module.sample_inputs(ckpt['model_args'], 3, 'cpu'))
     assert x.shape == (3, 3, 64, 64) and x.min() >= -1 and x.max() <= 1 and x.std() > 0
+
+
+def test_default_run_folder_no_samples_and_a_gif_of_many_frames(tmp_path):
+    """Without --n-samples a run writes no samples/ (fid.py scores ckpt.pt in memory); without --grid-every
+    its grids, and the frames of progress.gif, are ~60 whatever --epochs: >= 30 for the 150-epoch default run
+    on the bundled faces (tiny networks, so that it takes seconds)."""
+    out = tmp_path / 'run'
+    dcgan.main(['--out', str(out), '--device', 'cpu', '--ngf', '8', '--ndf', '8', '--log-every', '100'])
+    ckpt = common.load_checkpoint(out / 'ckpt.pt')
+    assert ckpt['args']['epochs'] == 150 and ckpt['step'] == 900   # 384 faces, batch 64
+    assert not os.path.exists(out / 'samples')
+    gif = Image.open(out / 'progress.gif')
+    assert gif.n_frames >= 30 and gif.size == (266, 266)    # the top-left 4 x 4 faces
+    assert len(os.listdir(out / 'grids')) == 61               # every 15 steps, 0..900
+    assert os.path.getsize(out / 'progress.gif') < 8 * 2**20
+
+
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_n_samples_writes_pngs(module, faces, tmp_path):
+    out = tmp_path / 'run'
+    train(module, faces, out, '--epochs', '1', '--n-samples', '100')
+    assert sorted(os.listdir(out / 'samples')) == [f'{i:06d}.png' for i in range(100)]
 
 
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
@@ -140,7 +166,7 @@ def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
     assert not torch.equal(G['net.1.running_var'], G_ema['net.1.running_var'])
     own = module.Generator(**straight['model_args'])
     own.load_state_dict(G_ema)
-    common.standing_stats(own, module.sample_inputs, straight['model_args'], batch_size=8, seed=0)
+    recipes.standing_stats(own, module.sample_inputs, straight['model_args'], batch_size=8, seed=0)
     for k, v in own.state_dict().items():
         assert torch.allclose(v, G_ema[k], rtol=1e-4, atol=1e-6), k
     assert not any('running_mean' in k for k in straight['models']['D'])       # --sn: no BatchNorm in D
@@ -148,7 +174,7 @@ def test_recipe_flags_resume_and_ema(module, faces, tmp_path):
     assert straight['model_args']['upsample']
     assert [type(m) for m in own.modules() if isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.Upsample))] == \
         [torch.nn.ConvTranspose2d] + [torch.nn.Upsample] * 4
-    exported, _ = common.load_generator(common.generator_checkpoint(straight))
+    exported, _ = sampling.load_generator(sampling.generator_checkpoint(straight))
     assert torch.equal(exported.state_dict()[w], G_ema[w])           # the export is the EMA generator
 
 
@@ -204,12 +230,12 @@ def test_standing_stats_are_the_mean_batch_statistics():
     for n, m in bns.items():
         m.register_forward_hook(hook(n))
     ref.train()
-    g = common.sample_rng(3)
+    g = sampling.sample_rng(3)
     with torch.no_grad():
         for _ in range(5):
             ref(*dcgan.sample_inputs({'z_dim': 16}, 6, 'cpu', g))
     weights, rng = {k: v.clone() for k, v in G.named_parameters()}, torch.get_rng_state()
-    out = common.standing_stats(G, dcgan.sample_inputs, {'z_dim': 16}, batch_size=6, batches=5, seed=3)
+    out = recipes.standing_stats(G, dcgan.sample_inputs, {'z_dim': 16}, batch_size=6, batches=5, seed=3)
     assert out is G and not G.training and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, weights[k]) for k, v in G.named_parameters())
     for n, m in G.named_modules():
@@ -224,11 +250,11 @@ def test_standing_stats_are_the_mean_batch_statistics():
 def test_ema_accumulate():
     ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     before = ema.weight.detach().clone()
-    common.accumulate(ema, model, 0.9)
+    recipes.accumulate(ema, model, 0.9)
     assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
-    assert common.ema_beta(64, 10) == pytest.approx(0.5 ** (64 / 10000)) and common.ema_beta(64, 0) == 0.0
+    assert recipes.ema_beta(64, 10) == pytest.approx(0.5 ** (64 / 10000)) and recipes.ema_beta(64, 0) == 0.0
     # a half-life of 10 kimg: after 10,000 images at batch 64 the old weights weigh one half
-    assert common.ema_beta(64, 10) ** (10000 / 64) == pytest.approx(0.5)
+    assert recipes.ema_beta(64, 10) ** (10000 / 64) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
@@ -264,11 +290,42 @@ def test_precision_auto_and_emulated_bf16_warning(faces, tmp_path, monkeypatch):
     cpu = torch.device('cpu')
     for native in (True, False):
         monkeypatch.setattr(common, 'cpu_has_bf16', lambda: native)
+        monkeypatch.setattr(training, 'cpu_has_bf16', lambda: native)   # where Run looks it up
         assert common.pick_precision('auto', cpu) == (torch.bfloat16 if native else None)
         assert common.pick_precision('fp32', cpu) is None and common.pick_precision('bf16', cpu) == torch.bfloat16
         out = tmp_path / str(native)
         train(dcgan, faces, out, '--epochs', '1', '--precision', 'bf16')
         assert ('warning: --precision bf16 on a CPU without native bf16' in (out / 'log.txt').read_text()) != native
+
+
+@pytest.mark.parametrize('name', ['dcgan', 'lsgan', 'acgan', 'wacgan_gp', 'stylegan'])
+def test_recipe_best_sets_exactly_its_values(name):
+    """--recipe best changes exactly the flags of the script's BEST and nothing else; reports = the defaults;
+    a flag given explicitly wins over the recipe; --help shows the recipe's values."""
+    module = __import__(name)
+    reports, best = (vars(module.get_args(['--recipe', r])) for r in ('reports', 'best'))
+    assert vars(module.get_args([])) == reports
+    changed = {k: v for k, v in best.items() if reports[k] != v}
+    assert changed == {'recipe': 'best', **{k: v for k, v in module.BEST.items() if reports[k] != v}}
+    assert all(best[k] == v for k, v in module.BEST.items())
+    assert module.get_args(['--recipe', 'best', '--epochs', '3', '--ema-kimg', '2']).epochs == 3
+    assert module.get_args(['--recipe', 'best', '--epochs', '3', '--ema-kimg', '2']).ema_kimg == 2
+
+
+def test_recipe_is_what_the_shipped_run_used_and_resumes(faces, tmp_path):
+    """`--recipe best --epochs 80` is the shipped DCGAN's flag soup, value for value, in the run log; a run
+    started with a recipe resumes with it, no flags needed."""
+    soup = ['--lr-g', '2e-4', '--lr-d', '2e-4', '--ema-kimg', '10', '--diffaug', 'color,translation,cutout',
+            '--fake-label', '0', '--lr-halve-at', '28,44,60', '--upsample', '--r1', '0.1', '--epochs', '80']
+    a, b = vars(dcgan.get_args(soup)), vars(dcgan.get_args(['--recipe', 'best', '--epochs', '80']))
+    assert {k: v for k, v in a.items() if k != 'recipe'} == {k: v for k, v in b.items() if k != 'recipe'}
+    out = tmp_path / 'run'
+    train(dcgan, faces, out, '--recipe', 'best', '--epochs', '1')
+    flags = [line for line in open(out / 'log.txt').read().splitlines() if line.startswith('flags in force:')]
+    assert '--r1 0.1' in flags[0] and '--upsample True' in flags[0] and '--lr-halve-at 28,44,60' in flags[0]
+    ckpt = train(dcgan, faces, out, '--epochs', '2', '--resume')
+    assert ckpt['args']['recipe'] == 'best' and ckpt['args']['r1'] == 0.1 and ckpt['args']['ema_kimg'] == 10
+    assert ckpt['model_args']['upsample'] and ckpt['step'] == 4
 
 
 def test_resume_keeps_flags_and_refuses_overwrite(faces, tmp_path):
@@ -281,7 +338,7 @@ def test_resume_keeps_flags_and_refuses_overwrite(faces, tmp_path):
         train(dcgan, faces, out, '--epochs', '1')
     assert open(out / 'ckpt.pt', 'rb').read() == before
     # an architecture flag given again with another value: one clear line, the checkpoint untouched
-    with pytest.raises(UserError, match=r'its G does not fit .* --ndf'):
+    with pytest.raises(UserError, match=r'its G does not fit .*changed since the run started: .*--ngf'):
         train(dcgan, faces, out, '--epochs', '2', '--resume', '--ngf', '16')
     assert open(out / 'ckpt.pt', 'rb').read() == before
     with pytest.raises(SystemExit):
@@ -353,7 +410,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(module, faces, tmp_path, monke
         return loss * float('nan') if calls['n'] >= 3 else loss
     monkeypatch.setattr(module, 'g_loss', poisoned)
     out = tmp_path / 'run'
-    with pytest.raises(common.NonFiniteLoss, match='non-finite loss at step 3.*last good checkpoint'):
+    with pytest.raises(progress.NonFiniteLoss, match='non-finite loss at step 3.*last good checkpoint'):
         train(module, faces, out, '--epochs', '3')
     ckpt = common.load_checkpoint(str(out / 'ckpt.pt'))
     assert ckpt['step'] == 2

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import common
+import dataset
 import label
 from common import UserError
 
@@ -56,7 +57,7 @@ def test_train_predict_score(toy, tmp_path, capsys):
     # the predicted CSV is valid input for the conditional scripts' label loader, empty values allowed
     label.main(['predict', '--ckpt', str(out / 'ckpt.pt'), '--data', data, '--out', str(csv_path), '--min-confidence', '1.01'])
     assert all(r['colour'] == '' for r in csv.DictReader(open(csv_path)))
-    y, vocab = common.join_labels(str(csv_path), sorted(os.listdir(data)))
+    y, vocab = dataset.join_labels(str(csv_path), sorted(os.listdir(data)))
     assert (y == -1).all() and vocab == {'colour': [], 'size': []}
     # score: folder of generated "red" faces asked to be red
     red = tmp_path / 'red'

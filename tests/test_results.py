@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common
+import dataset
+import sampling
 import label
 from conftest import ROOT, SHARED
 
@@ -30,8 +32,8 @@ def test_committed_generator_samples(path):
     ckpt = common.load_checkpoint(path)
     sd = ckpt['models'][ckpt['sample_model']]
     assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
-    G, module = common.load_generator(ckpt)
-    x = common.generate(G, module.sample_inputs(ckpt['model_args'], 4, 'cpu', common.sample_rng(0)))
+    G, module = sampling.load_generator(ckpt)
+    x = sampling.generate(G, module.sample_inputs(ckpt['model_args'], 4, 'cpu', sampling.sample_rng(0)))
     assert x.shape == (4, 3, 64, 64) and torch.isfinite(x).all() and x.abs().max() <= 1
     assert x.std() > 0.1   # faces, not a constant image
 
@@ -41,8 +43,8 @@ def test_label_classifier_reproduces_its_report():
     """results/labels.md: held-out hair 66/77, eyes 50/71 (six faces without visible eyes), gender 66/77."""
     model, vocab = label.load_classifier(CLASSIFIER)
     files = common.load_checkpoint(CLASSIFIER)['val_files']
-    images = np.stack([common.decode_image(os.path.join(SHARED_FACES, f), 64) for f in files])
-    y, _ = common.join_labels(HAND_LABELS, files, vocab=vocab)
+    images = np.stack([dataset.decode_image(os.path.join(SHARED_FACES, f), 64) for f in files])
+    y, _ = dataset.join_labels(HAND_LABELS, files, vocab=vocab)
     acc = label.evaluate(label.predict_probs(model, torch.from_numpy(images).permute(0, 3, 1, 2)), y, vocab)
     hits = {a: (round(r['accuracy'] * r['n']), r['n']) for a, r in acc.items()}
     assert hits == {'hair': (66, 77), 'eyes': (50, 71), 'gender': (66, 77)}

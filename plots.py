@@ -1,0 +1,117 @@
+"""Plots, with matplotlib: a run's loss curves (raw and smoothed) and FID against training hours of many runs.
+
+    python plots.py losses runs/dcgan/losses.csv runs/dcgan/loss_curve.png
+    python plots.py scores results/fid_curve.csv results/fid_vs_hours.png
+"""
+import argparse
+import csv
+import os
+
+import numpy as np
+
+NOT_LOSSES = ('step', 'epoch', 'img_per_s', 'fid', 'kid')
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed), imported on first use: only plotting
+    pays its import time."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_losses(csv_path):
+    """losses.csv -> (header, float array; '' = NaN). Rows of another length (a run resumed with --fid-every
+    changed) are padded with NaN or cut to the header."""
+    with open(csv_path, newline='') as f:
+        rows = [r for r in csv.reader(f) if r]
+    head = rows[0]
+    return head, np.array([[float(v) if v else np.nan for v in (r + [''] * len(head))[:len(head)]] for r in rows[1:]])
+
+
+def smooth(y, frac=0.05):
+    """A centred moving average over ~frac of the points (NaNs ignored), so a trend shows through the noise."""
+    k = max(1, int(len(y) * frac)) | 1
+    ok = np.isfinite(y)
+    num = np.convolve(np.where(ok, y, 0.0), np.ones(k), 'same')
+    den = np.convolve(ok.astype(float), np.ones(k), 'same')
+    return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
+def plot_losses(csv_path, png_path):
+    """A run's loss_curve.png: each logged value against the epoch, raw (faint) and smoothed, one panel per
+    quantity so that losses of different scales stay readable. Returns the names plotted."""
+    if not os.path.exists(csv_path):
+        return []
+    head, data = read_losses(csv_path)
+    names = [h for h in head if h not in NOT_LOSSES]
+    if len(data) < 2 or not names:
+        return []
+    plt = pyplot()
+    x = data[:, head.index('epoch')]
+    cols = min(3, len(names))
+    fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(4 * cols, 2.6 * ((len(names) + cols - 1) // cols)),
+                             squeeze=False, sharex=True)
+    for ax, name in zip(axes.flat, names):
+        y = data[:, head.index(name)]
+        ax.plot(x, y, color='C0', alpha=0.3, lw=0.8, label='raw')
+        ax.plot(x, smooth(y), color='C0', lw=1.8, label='smoothed')
+        ax.set_title(name, fontsize=10)
+        ax.tick_params(labelbottom=True, labelsize=8)   # every panel keeps its epochs, also above an empty slot
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(names):]:
+        ax.axis('off')
+    fig.supxlabel('epoch', fontsize=10)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc='upper right', fontsize=8, ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))   # room for the legend above the panels, off the data
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return names
+
+
+def plot_score_curves(csv_path, png_path, x='hours', y='fid', xlabel='hours of training on 2 CPU cores',
+                      ylabel='FID (2,048 samples, log scale)'):
+    """FID against hours, one line per run of a CSV with a `run` column (results/fid_curve.csv); runs of one
+    model family (the run name's first word: DCGAN, LSGAN, ...) share a colour and differ by line style and
+    marker. Log y axis: the curves fall over an order of magnitude. Returns {family: [runs]}."""
+    with open(csv_path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    runs = list(dict.fromkeys(r['run'] for r in rows))
+    families = {}
+    for run in runs:
+        families.setdefault(run.split()[0].split('-')[0], []).append(run)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    styles, markers = ['-', '--', ':', '-.'], 'osD^v<>ph*'
+    for c, (family, members) in enumerate(families.items()):
+        for j, run in enumerate(members):
+            pts = sorted((float(r[x]), float(r[y])) for r in rows if r['run'] == run)
+            ax.plot(*zip(*pts), color=f'C{c}', ls=styles[j % len(styles)], marker=markers[j % len(markers)], ms=3.5,
+                    lw=1.3, label=run)
+    ax.set_yscale('log')
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter('%g'))
+    ax.tick_params(axis='y', which='both', labelsize=9)   # 40, 50, ..., 300: every gridline labelled alike
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False)   # beside the axes, not on the data
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return families
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('kind', choices=['losses', 'scores'], help='losses: a run\'s losses.csv; scores: a CSV of run,epoch,hours,fid rows')
+    p.add_argument('csv', help='input CSV')
+    p.add_argument('png', help='output PNG')
+    args = p.parse_args(argv)
+    (plot_losses if args.kind == 'losses' else plot_score_curves)(args.csv, args.png)
+    print(f'wrote {args.png}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,118 @@
+"""The recipe helpers several model scripts share: DiffAugment, and the EMA generator with its own BatchNorm
+statistics. Each is one call in a script's loop: `x = recipes.diff_augment(x, args.diffaug)` on every image
+D sees, `recipes.accumulate(G_ema, G, beta)` after every G step."""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from sampling import sample_rng
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiffAugment (Zhao et al. 2020, https://arxiv.org/abs/2006.10738): the same random, differentiable
+# transforms on every image D sees, real and fake, so D cannot memorise a small dataset
+
+def aug_color(x):
+    B = x.shape[0]
+    x = x + (torch.rand(B, 1, 1, 1, device=x.device) - 0.5)                                  # brightness
+    m = x.mean(1, keepdim=True)
+    x = (x - m) * (torch.rand(B, 1, 1, 1, device=x.device) * 2) + m                          # saturation
+    m = x.mean((1, 2, 3), keepdim=True)
+    return (x - m) * (torch.rand(B, 1, 1, 1, device=x.device) + 0.5) + m                     # contrast
+
+
+def aug_translation(x, ratio=0.125):
+    """Shift by up to 1/8 of the size, zero padding, via a per-sample integer gather."""
+    B, C, H, W = x.shape
+    sh, sw = int(H * ratio + 0.5), int(W * ratio + 0.5)
+    tx = torch.randint(-sh, sh + 1, (B, 1, 1), device=x.device)
+    ty = torch.randint(-sw, sw + 1, (B, 1, 1), device=x.device)
+    gy, gx = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device), indexing='ij')
+    gy, gx = (gy[None] + tx).clamp(-1, H), (gx[None] + ty).clamp(-1, W)   # -1 / H: the zero border
+    padded = F.pad(x, (1, 1, 1, 1))
+    idx = ((gy + 1) * (W + 2) + gx + 1).view(B, 1, -1).expand(-1, C, -1)
+    return padded.flatten(2).gather(2, idx).view(B, C, H, W)
+
+
+def aug_cutout(x, ratio=0.5):
+    """Zero a random square of half the image size in each sample."""
+    B, C, H, W = x.shape
+    h, w = int(H * ratio + 0.5), int(W * ratio + 0.5)
+    top = torch.randint(0, H - h + 1, (B, 1, 1), device=x.device)
+    left = torch.randint(0, W - w + 1, (B, 1, 1), device=x.device)
+    gy, gx = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device), indexing='ij')
+    inside = (gy >= top) & (gy < top + h) & (gx >= left) & (gx < left + w)
+    return x * (~inside)[:, None].to(x.dtype)
+
+
+AUGMENTS = {'color': aug_color, 'translation': aug_translation, 'cutout': aug_cutout}
+
+
+def diff_augment(x, ops):
+    for op in filter(None, ops.split(',')):
+        x = AUGMENTS[op](x)
+    return x
+
+
+def ema_beta(batch_size, ema_kimg):
+    """Per-step EMA decay for a half-life of ema_kimg thousand images (StyleGAN2's convention); 0 = no memory."""
+    return 0.5 ** (batch_size / (ema_kimg * 1000)) if ema_kimg > 0 else 0.0
+
+
+@torch.no_grad()
+def accumulate(ema, model, beta):
+    """ema = beta * ema + (1 - beta) * model, for parameters; buffers (w_avg, noise) are copied. BatchNorm
+    statistics copied from `model` belong to other weights: Run.sampler() recomputes them before ema samples."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - beta)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+@torch.no_grad()
+def standing_stats(G, sample_inputs, model_args, batch_size, batches=16, seed=0):
+    """Recompute G's BatchNorm running statistics under G's own weights: the average of the batch statistics
+    of `batches` train-mode forward passes of `batch_size` samples (BigGAN's "standing statistics"). An EMA
+    generator needs them: its weights average G's over thousands of images, while the running statistics
+    it would sample with are G's latest. The inputs come from their own stream (global RNG untouched).
+    Returns G in eval mode; a generator without BatchNorm is returned as it is."""
+    bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return G
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None   # a cumulative average over the batches below, not a moving one
+    G.train()
+    device, g = next(G.parameters()).device, sample_rng(seed)
+    for _ in range(batches):
+        G(*(t.to(device) for t in sample_inputs(model_args, batch_size, 'cpu', g)))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return G.eval()
+
+
+def ema_copy(model, copy):
+    """Make `copy` (a new instance of model's class) the EMA of `model`: its weights to start, eval mode, no
+    gradients. The copy samples, `model` trains; accumulate(copy, model, beta) after each of model's steps."""
+    accumulate(copy, model, 0.0)
+    return copy.eval().requires_grad_(False)
+
+
+
+def diffaug_ops(text):
+    """An argparse type for --diffaug: a comma list of AUGMENTS names (or '' for none)."""
+    bad = set(filter(None, text.split(','))) - set(AUGMENTS)
+    if bad:
+        raise argparse.ArgumentTypeError(f'unknown {",".join(sorted(bad))}; choose from {",".join(AUGMENTS)}')
+    return text
+
+
+def add_ema_diffaug_args(parser, ema_kimg):
+    """--ema-kimg and --diffaug, for the scripts that offer an EMA generator and DiffAugment."""
+    parser.add_argument('--ema-kimg', type=float, default=ema_kimg,
+                        help='half-life of the EMA generator, in thousands of images; it samples, makes the grids '
+                        'and is scored; 0 = no EMA (default: %(default)s)')
+    parser.add_argument('--diffaug', type=diffaug_ops, default='', metavar='OPS',
+                        help=f'DiffAugment on every image D sees, a comma list of {",".join(AUGMENTS)} (default: off)')
