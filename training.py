@@ -82,7 +82,7 @@ class TrainState:
         return {**ckpt, 'models': {k: m.state_dict() for k, m in self.models.items()},
                 'optims': {k: o.state_dict() for k, o in self.optims.items()},
                 'scalers': {k: s.state_dict() for k, s in self.scalers.items()},
-                'rng': [{k: v.cpu() for k, v in r.items()} for r in rngs], 'extra': {}}
+                'rng': [{k: v.cpu() for k, v in r.items()} for r in rngs]}
 
     def restore(self, ckpt, path):
         """Load a checkpoint's weights, optimisers, scalers, fixed inputs and step into this state."""
@@ -157,7 +157,7 @@ class Run:
             if self.main:
                 load_images(self.args.data, self.args.image_size, cache, self.log)
             dist.barrier()
-        images, self.files = load_images(self.args.data, self.args.image_size, cache if self.main or self.world > 1 else None, self.log)
+        images, self.files = load_images(self.args.data, self.args.image_size, cache, self.log)
         return images
 
     def load_labels(self):
