@@ -52,6 +52,10 @@ MIN_HELDOUT = 20   # the 1st percentile of fewer held-out distances is just thei
 # pairs are 0-500 apart, a face and its nearest other face typically 5,000-6,000 (results/novelty.md).
 DUPLICATE_L2 = 500.0
 MIN_FID_N = 2048   # below the feature dimension the covariance is singular and FID strongly biased
+# A white blotch: a region of pure white (every channel >= 252 of 255) of at least 48 pixels that does not touch
+# the border (white that touches it is background). 0.3% of the shared faces have one, 18% of the first shipped
+# LSGAN's: there it is tanh run into saturation in the middle of a face (results/notes/lsgan.md).
+BLOTCH_WHITE, BLOTCH_AREA = 252, 48
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,6 +279,20 @@ def novelty(gen, train, heldout, chunk=1024, copy_distance=None):
     return out
 
 
+def white_blotches(images, white=BLOTCH_WHITE, area=BLOTCH_AREA):
+    """Mask of the uint8 (N, 3, H, W) images with a white blotch (BLOTCH_WHITE, BLOTCH_AREA above)."""
+    from scipy import ndimage
+    found = np.zeros(len(images), bool)
+    for i, mask in enumerate((torch.as_tensor(images) >= white).all(1).numpy()):
+        regions, n = ndimage.label(mask)
+        if n:
+            border = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
+            sizes = np.bincount(regions.ravel(), minlength=n + 1)
+            sizes[border] = 0   # label 0 (not white) is among them whenever any border pixel is not white
+            found[i] = sizes[1:].max() >= area
+    return found
+
+
 def duplicate_pairs(images, threshold=DUPLICATE_L2, chunk=1024):
     """Pairs (i, j), i < j, of images closer than threshold in pixel L2, and their distances: the exact and
     near-exact copies in a set of uint8 images. Block by block over the upper triangle: seconds for 19k faces."""
@@ -453,8 +471,10 @@ def get_args(argv=None):
     p.add_argument('--cache', metavar='DIR', help='cache the features of image inputs here, reused while the images are the same')
     p.add_argument('--duplicates', action='store_true', help=f'only list the pairs of A\'s images closer than '
                    f'{DUPLICATE_L2:g} in pixel L2 (the same picture under two names); with --out: duplicates.csv and a grid of pairs')
+    p.add_argument('--blotches', action='store_true', help=f'only count A\'s faces with a white blotch (pure white, every '
+                   f'channel >= {BLOTCH_WHITE}, over >= {BLOTCH_AREA} pixels not touching the border); with --out: a grid of them')
     args = p.parse_args(argv)
-    if not args.save_stats and not args.b and not args.duplicates:
+    if not args.save_stats and not args.b and not args.duplicates and not args.blotches:
         p.error('give two inputs to compare, or one with --save-stats OUT.npz')
     args.novelty = args.novelty or args.nearest > 0
     if args.nearest and not args.out:
@@ -478,6 +498,8 @@ def main(argv=None):
             common.fail(f'{src}: no such file or folder')
     if args.duplicates:
         return duplicates_report(args.a, args.out)
+    if args.blotches:
+        return blotches_report(args)
     extractor = Extractor(args.inception, args.weights).to(args.device)
     t0 = time.time()
     ima, imb = {}, {}
@@ -537,6 +559,22 @@ def duplicates_report(src, out=None, pairs_shown=24):
         with open(os.path.join(out, 'duplicates.json'), 'w') as f:
             json.dump(result, f, indent=2)
         print(f'wrote {out}/duplicates.csv, duplicates.json' + (', duplicates.png (pairs side by side, 4 per row)' if len(shown) else ''))
+    return result
+
+
+def blotches_report(args, shown=32):
+    """The share of A's faces (--n samples of a checkpoint, or a folder) with a white blotch; a grid of them in --out."""
+    if args.a.endswith('.pt') and is_checkpoint(args.a):
+        images = torch.cat(list(checkpoint_batches(common.load_checkpoint(args.a), args.n, args.batch_size, args.device, args.seed)))
+    else:
+        images = dataset.load_images(args.a, size=args.image_size or 64)[0]
+    found = white_blotches(images)
+    print(f'{args.a}: {found.mean():.1%} of {len(images)} faces have a white blotch (pure white, every channel >= '
+          f'{BLOTCH_WHITE}, over >= {BLOTCH_AREA} pixels not touching the border)')
+    result = {'blotches': float(found.mean()), 'n': len(images), 'white': BLOTCH_WHITE, 'area': BLOTCH_AREA}
+    if args.out and found.any():
+        sampling.save_grid(images[torch.from_numpy(found)][:shown].float() / 127.5 - 1, os.path.join(args.out, 'blotches.png'))
+        print(f'wrote {args.out}/blotches.png: the first {min(shown, int(found.sum()))} of them')
     return result
 
 

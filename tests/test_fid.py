@@ -289,6 +289,34 @@ def test_duplicates_cli(tmp_path, capsys):
     assert '80 of 300 faces (26.7%) have a duplicate' in capsys.readouterr().out
 
 
+def test_white_blotches():
+    """A pure-white patch inside a face is a blotch; white touching the border (background), a small highlight,
+    or a near-white but tinted patch (skin) is not."""
+    faces = torch.full((5, 3, 64, 64), 128, dtype=torch.uint8)
+    faces[0, :, 20:30, 20:30] = 255                       # 100 white pixels mid-face: a blotch
+    faces[1, :, :, :12] = 255                             # a white band on the left edge: background
+    faces[2, :, 30:35, 30:35] = 255                       # 25 pixels: a highlight, below BLOTCH_AREA
+    faces[3, :, 20:30, 20:30] = 255
+    faces[3, 2, 20:30, 20:30] = 235                       # tinted, not pure white: skin
+    faces[4, :, :, :12] = 255
+    faces[4, :, 20:27, 20:27] = 255                       # background and, apart from it, a 49-pixel blotch
+    assert fid.white_blotches(faces).tolist() == [True, False, False, False, True]
+    faces[4, :, 23, 12:20] = 255                          # joined to the background: no longer apart
+    assert not fid.white_blotches(faces)[4]
+
+
+def test_blotches_cli(tmp_path, capsys):
+    faces = torch.full((4, 3, 64, 64), 100, dtype=torch.uint8)
+    faces[1, :, 10:30, 30:50] = 255
+    folder = tmp_path / 'faces'
+    folder.mkdir()
+    for i, a in enumerate(faces):
+        Image.fromarray(a.permute(1, 2, 0).numpy()).save(folder / f'{i}.png')
+    res = fid.main([str(folder), '--blotches', '--out', str(tmp_path / 'b')])
+    assert res['blotches'] == 0.25 and res['n'] == 4 and os.path.isfile(tmp_path / 'b' / 'blotches.png')
+    assert '25.0% of 4 faces have a white blotch' in capsys.readouterr().out
+
+
 @needs_weights
 def test_novelty_cli_drops_held_out_duplicates(tmp_path, capsys):
     """fid.py --novelty with planted duplicates in --heldout: they are dropped and counted, the thresholds
