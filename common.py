@@ -127,15 +127,18 @@ def add_r1_args(parser, gamma=0.0, gamma_help='0 = off, and D keeps its BatchNor
                         'weighted by as much (lazy regularisation, StyleGAN2) (default: %(default)s)')
 
 
-def add_recipe_arg(parser, best, measured):
+def add_recipe_arg(parser, best, measured, more=None):
     """--recipe reports|best. reports: the source reports' settings, the flags' defaults. best: the flags of
-    the shipped generator (`best`, {flag: value}); `measured` says where and at what length. Flags given
-    explicitly override either; the values in force are saved with the run, so --resume needs no flags."""
-    parser.recipes = {'reports': {}, 'best': best}
-    shown = ' '.join(f'--{k.replace("_", "-")}' + ('' if v is True else f' {v}') for k, v in best.items())
+    the shipped generator (`best`, {flag: value}); `measured` says where and at what length. more: further
+    named recipes, {name: ({flag: value}, what it is for)}. Flags given explicitly override any recipe; the
+    values in force are saved with the run, so --resume needs no flags."""
+    more = more or {}
+    parser.recipes = {'reports': {}, 'best': best, **{name: values for name, (values, _) in more.items()}}
+    shown = lambda values: ' '.join(f'--{k.replace("_", "-")}' + ('' if v is True else f' {v}') for k, v in values.items())
+    others = ''.join(f'; {name} = {shown(values)} ({why})' for name, (values, why) in more.items())
     parser.add_argument('--recipe', choices=list(parser.recipes), default='reports',
-                        help=f'reports = the source reports\' settings (the defaults here); best = {shown} ({measured}); '
-                        'a flag given explicitly overrides the recipe (default: %(default)s)')
+                        help=f'reports = the source reports\' settings (the defaults here); best = {shown(best)} ({measured})'
+                        f'{others}; a flag given explicitly overrides the recipe (default: %(default)s)')
 
 
 def add_conditional_args(parser):

@@ -312,6 +312,16 @@ def test_recipe_best_sets_exactly_its_values(name):
     assert module.get_args(['--recipe', 'best', '--epochs', '3', '--ema-kimg', '2']).ema_kimg == 2
 
 
+def test_recipe_quick_sets_exactly_its_values(capsys):
+    """dcgan.py --recipe quick (the README's first run) changes exactly QUICK's flags; --help names it."""
+    reports, quick = vars(dcgan.get_args([])), vars(dcgan.get_args(['--recipe', 'quick']))
+    assert {k: v for k, v in quick.items() if reports[k] != v} == {'recipe': 'quick', **dcgan.QUICK}
+    assert dcgan.get_args(['--recipe', 'quick', '--lr-g', '1e-3']).lr_g == 1e-3
+    with pytest.raises(SystemExit):
+        dcgan.get_args(['--help'])
+    assert 'quick = --lr-g 0.0002 --lr-d 0.0002' in ' '.join(capsys.readouterr().out.split())
+
+
 def test_recipe_is_what_the_shipped_run_used_and_resumes(faces, tmp_path):
     """`--recipe best --epochs 80` is the shipped DCGAN's flag soup, value for value, in the run log; a run
     started with a recipe resumes with it, no flags needed."""
