@@ -53,8 +53,8 @@ MIN_HELDOUT = 20   # the 1st percentile of fewer held-out distances is just thei
 DUPLICATE_L2 = 500.0
 MIN_FID_N = 2048   # below the feature dimension the covariance is singular and FID strongly biased
 # A white blotch: a region of pure white (every channel >= 252 of 255) of at least 48 pixels that does not touch
-# the border (white that touches it is background). 0.3% of the shared faces have one, 18% of the first shipped
-# LSGAN's: there it is tanh run into saturation in the middle of a face (results/notes/lsgan.md).
+# the border (white that touches it is background). 0.7% of the shared faces have one, 16% of the shipped LSGAN's
+# faces: there it is tanh run into saturation in the middle of a face (results/notes/blotches.md).
 BLOTCH_WHITE, BLOTCH_AREA = 252, 48
 
 
