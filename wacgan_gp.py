@@ -227,8 +227,8 @@ def train(args):
         with run.autocast():
             real, fake = aug(real), aug(G(z, y_fake).detach())   # the critic only ever sees augmented faces
             real_score, fake_score, real_cls, fake_cls = critic_real_fake(D, real, fake)
-        # the interpolates' critic pass under the run's precision (bf16: the critic step 1.9x faster, no FID cost in a two-seed
-        # parity run); the input gradient and its norm stay fp32. --gp-precision fp32 keeps the whole pass in fp32
+        # the interpolates' critic pass under the run's precision (bf16: the critic step 1.9x faster, no FID
+        # cost in a two-seed parity run); the input gradient and its norm stay fp32 (--gp-precision fp32: all fp32)
         gp = gradient_penalty(D, interpolates(real.float(), fake.float()), run.autocast() if args.gp_precision == 'same' else None)
         loss_d = (critic_loss(real_score.float(), fake_score.float()) + args.gp_weight * gp
                   + args.cls_weight * (cls_loss(real_cls, y_real) + cls_loss(fake_cls, y_fake)))
