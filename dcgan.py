@@ -12,6 +12,8 @@ train better on the same budget are flags, each measured in results/README.md:
     --diffaug OPS        DiffAugment (Zhao et al. 2020) on every image D sees
     --upsample           G grows by nearest-neighbour resize + 3x3 conv, not transposed convs (Odena et al. 2016)
     --r1 GAMMA           R1 penalty on real images (Mescheder et al. 2018) instead of D's BatchNorm
+    --linear-out         G ends in its last conv, no tanh, as StyleGAN's toRGB; samples are clamped (under test:
+                         results/notes/blotches.md)
 
     python dcgan.py --data faces/ --epochs 150                 # train (run folder: runs/dcgan)
     python dcgan.py --data faces/ --recipe best                # all the flags above that the shipped DCGAN used
@@ -50,6 +52,9 @@ def get_args(argv=None):
                    help='bce = cross-entropy with the fuzzy labels above; hinge ignores them (default: %(default)s)')
     p.add_argument('--sn', action='store_true', help='spectral normalisation in D, in place of its BatchNorm')
     p.add_argument('--upsample', action='store_true', help='G grows by nearest-neighbour upsampling + 3x3 conv, not transposed convs')
+    p.add_argument('--linear-out', action='store_true',
+                   help="no tanh after G's last conv: a pixel pushed past white still gets D's gradient "
+                        '(results/notes/blotches.md); images are clamped to [-1, 1] only when sampled')
     common.add_r1_args(p)
     recipes.add_ema_diffaug_args(p, ema_kimg=0.0)
     common.add_recipe_arg(p, BEST, 'results/dcgan_G.pt, FID 37.6 on 10,000 samples; halvings at fixed epochs, '
@@ -62,7 +67,7 @@ def get_args(argv=None):
 # Model
 
 class Generator(nn.Module):
-    def __init__(self, z_dim=100, ngf=64, nc=3, upsample=False):
+    def __init__(self, z_dim=100, ngf=64, nc=3, upsample=False, linear_out=False):
         super().__init__()
         self.z_dim = z_dim
         # upsample: each 2x step is nearest-neighbour resize + 3x3 conv instead of a stride-2 transposed conv,
@@ -76,7 +81,11 @@ class Generator(nn.Module):
             *block(ngf * 8, ngf * 4),                           # (ngf*8) x 4 x 4 -> (ngf*4) x 8 x 8
             *block(ngf * 4, ngf * 2),                           # -> (ngf*2) x 16 x 16
             *block(ngf * 2, ngf),                               # -> ngf x 32 x 32
-            *up(ngf, nc, True), nn.Tanh(),                      # -> nc x 64 x 64, in [-1, 1]
+            *up(ngf, nc, True),                                 # -> nc x 64 x 64
+            # tanh squashes to [-1, 1], but a pixel driven far past white sits where its slope is ~0 and no
+            # gradient can bring it back: the white blotches (results/notes/blotches.md). linear_out: D sees
+            # the raw values (the data never leaves [-1, 1]: overshoot is D's to punish) and sampling clamps
+            *([] if linear_out else [nn.Tanh()]),               # -> in [-1, 1]
         )
 
     def forward(self, z):                                       # z: (B, z_dim)
@@ -161,7 +170,7 @@ def d_r1_loss(real_logits, real):
 def train(args):
     run = training.Run(args, 'dcgan')
     images = run.load_images()
-    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample)
+    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample, linear_out=args.linear_out)
     G = run.prepare(Generator(**model_args))
     D = run.prepare(Discriminator(args.ndf, sn=args.sn, bn=not args.r1), compilable=not args.r1)   # R1: double backward
     G.apply(init_weights)

@@ -198,6 +198,26 @@ def test_r1_drops_batchnorm_logs_and_resumes(module, faces, tmp_path):
             module.get_args(bad)
 
 
+def test_linear_out_has_no_tanh_samples_clamped_and_resumes(faces, tmp_path):
+    """dcgan --linear-out: G ends in its conv (values past +-1 reach D, with a gradient), the checkpoint rebuilds
+    that G, samples are clamped to [-1, 1]; resume stays exact. Without the flag, old checkpoints keep their tanh."""
+    flags = ['--linear-out', '--upsample']
+    straight = train(dcgan, faces, tmp_path / 'a', '--epochs', '2', *flags)
+    assert straight['model_args']['linear_out']
+    train(dcgan, faces, tmp_path / 'b', '--epochs', '1', *flags)
+    assert_same_state(straight, train(dcgan, faces, tmp_path / 'b', '--epochs', '2', '--resume'))
+    G, _ = sampling.load_generator(straight)
+    assert not any(isinstance(m, torch.nn.Tanh) for m in G.modules())
+    G.net[-1].bias.data.fill_(3.0)                                  # every pixel far past white before the clamp
+    z = dcgan.sample_inputs(straight['model_args'], 4, 'cpu', torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        raw = G(*z)
+    assert raw.min() > 1.5                                         # the raw output is not squashed ...
+    assert torch.equal(sampling.generate(G, z), torch.ones_like(raw))   # ... the samples are clamped
+    old = dict(straight['model_args']); del old['linear_out']      # a checkpoint written before the flag
+    assert isinstance(dcgan.Generator(**old).net[-1], torch.nn.Tanh)
+
+
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_r1_penalty_against_closed_form(module):
     """For D(x) = w . x + x . A x the input gradient is w + (A + A^T) x: R1 is the batch mean of its squared norm."""
