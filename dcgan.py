@@ -170,7 +170,9 @@ def d_r1_loss(real_logits, real):
 def train(args):
     run = training.Run(args, 'dcgan')
     images = run.load_images()
-    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample, linear_out=args.linear_out)
+    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample)
+    if args.linear_out:   # only when set: a run from before the flag resumes with the model_args it was saved with
+        model_args['linear_out'] = True
     G = run.prepare(Generator(**model_args))
     D = run.prepare(Discriminator(args.ndf, sn=args.sn, bn=not args.r1), compilable=not args.r1)   # R1: double backward
     G.apply(init_weights)
