@@ -15,6 +15,8 @@ Flags as in dcgan.py, each measured in results/notes/conditional.md:
     --upsample                G grows by nearest-neighbour resize + 3x3 conv, not transposed convs (Odena et al. 2016)
     --r1 GAMMA                R1 penalty on real images (Mescheder et al. 2018) on the real/fake logit, instead
                               of D's BatchNorm; the classifier heads read the same BatchNorm-free features
+    --real-cls-only           D's heads learn the classes from real faces only; the paper trains them on fakes too,
+                              so G can satisfy them with whatever marks D learns to read in its own fakes
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
@@ -55,6 +57,9 @@ def get_args(argv=None):
     p.add_argument('--fake-label', type=float, default=0.1, help='fuzzy target for fakes in the D loss (default: %(default)s)')
     p.add_argument('--upsample', action='store_true', help='G grows by nearest-neighbour upsampling + 3x3 conv, not transposed convs')
     common.add_r1_args(p)
+    p.add_argument('--real-cls-only', action='store_true', help='D\'s class heads learn from real faces only, not from '
+                   'fakes by the labels they were made from (against AC-GAN\'s pull toward over-readable faces, Shu et '
+                   'al. 2017); G\'s class loss is unchanged (default: off, as the paper)')
     recipes.add_ema_diffaug_args(p, ema_kimg=0.0)
     common.add_recipe_arg(p, BEST, 'results/acgan_G.pt, FID 66.5 on 10,000 samples, the epoch-56 snapshot of a run '
                           'halved at epochs 28 and 44')
@@ -223,8 +228,10 @@ def train(args):
             if not r1_step:
                 real_logits, real_cls = D(aug(real))
             fake_logits, fake_cls = D(aug(fake.detach()))
+        # the heads learn from fakes too (the paper), unless --real-cls-only: then they only ever see real faces
+        loss_cls = cls_loss(real_cls, y_real) + (0 if args.real_cls_only else cls_loss(fake_cls, y_fake))
         loss_d = (d_adv_loss(real_logits.float(), fake_logits.float(), args.real_label, args.fake_label)
-                  + args.cls_weight * (cls_loss(real_cls, y_real) + cls_loss(fake_cls, y_fake)))
+                  + args.cls_weight * loss_cls)
         if r1_step:
             r1 = d_r1_loss(real_logits, real)
             loss_d = loss_d + args.r1 / 2 * r1 * args.r1_every   # x r1_every: applied once per r1_every steps
