@@ -60,6 +60,9 @@ def get_args(argv=None):
     p.add_argument('--real-cls-only', action='store_true', help='D\'s class heads learn from real faces only, not from '
                    'fakes by the labels they were made from (against AC-GAN\'s pull toward over-readable faces, Shu et '
                    'al. 2017); G\'s class loss is unchanged (default: off, as the paper)')
+    p.add_argument('--g-cls-weight', type=float, default=None, help='weight of the class loss in G\'s update only: '
+                   'below --cls-weight, G is pulled less toward the faces D\'s heads read with certainty (default: '
+                   '--cls-weight, as the paper)')
     recipes.add_ema_diffaug_args(p, ema_kimg=0.0)
     common.add_recipe_arg(p, BEST, 'results/acgan_G.pt, FID 66.5 on 10,000 samples, the epoch-56 snapshot of a run '
                           'halved at epochs 28 and 44')
@@ -208,6 +211,7 @@ def train(args):
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, foreach=True)
     run.setup(G, D, opt_g, opt_d, model_args, sample_inputs, images, labels, G_ema=G_ema)
     ema_beta = recipes.ema_beta(args.batch_size, args.ema_kimg)
+    g_cls_weight = args.cls_weight if args.g_cls_weight is None else args.g_cls_weight
     aug = lambda x: recipes.diff_augment(x, args.diffaug)   # identity without --diffaug; the labels stay
 
     r1 = torch.zeros((), device=run.device)   # logged between R1 steps as its last value
@@ -243,7 +247,7 @@ def train(args):
         D.requires_grad_(False)
         with run.autocast():
             gen_logits, gen_cls = D(aug(fake))
-        loss_g = g_adv_loss(gen_logits.float(), args.real_label) + args.cls_weight * cls_loss(gen_cls, y_fake)
+        loss_g = g_adv_loss(gen_logits.float(), args.real_label) + g_cls_weight * cls_loss(gen_cls, y_fake)
         opt_g.zero_grad(set_to_none=True)
         run.backward(loss_g, 'G')
         run.step('G')

@@ -132,16 +132,22 @@ def test_attr_gives_the_asked_colour(module, recipe, toy_run, tmp_path):
     assert_follows_colour(module, run, tmp_path)
 
 
-def assert_follows_colour(module, run, tmp_path):
-    """32 faces asked red are redder than blue, 32 asked blue bluer than red, by > 100 grey levels between them."""
-    red_minus_blue = {}
+def red_minus_blue(module, run, tmp_path):
+    """{asked colour: mean red minus mean blue grey level} of 32 faces sampled from the run asked each colour."""
+    diff = {}
     for colour in ('red', 'blue'):
         out = tmp_path / colour
         module.main(['--sample', '32', '--ckpt', str(run / 'ckpt.pt'), '--out', str(out), '--attr', f'color={colour}'])
         x = np.stack([np.asarray(Image.open(out / f'{i:06d}.png'), dtype=float) for i in range(32)])
-        red_minus_blue[colour] = x[..., 0].mean() - x[..., 2].mean()
-    assert red_minus_blue['red'] > 0 > red_minus_blue['blue'], red_minus_blue
-    assert red_minus_blue['red'] - red_minus_blue['blue'] > 100, red_minus_blue
+        diff[colour] = x[..., 0].mean() - x[..., 2].mean()
+    return diff
+
+
+def assert_follows_colour(module, run, tmp_path):
+    """32 faces asked red are redder than blue, 32 asked blue bluer than red, by > 100 grey levels between them."""
+    diff = red_minus_blue(module, run, tmp_path)
+    assert diff['red'] > 0 > diff['blue'], diff
+    assert diff['red'] - diff['blue'] > 100, diff
 
 
 def test_acgan_real_cls_only(toy_run, faces, tmp_path, monkeypatch):
@@ -157,6 +163,16 @@ def test_acgan_real_cls_only(toy_run, faces, tmp_path, monkeypatch):
         assert len(calls) == ckpt['step'] * (2 if flags else 3), (flags, len(calls), ckpt['step'])
     monkeypatch.undo()
     assert_follows_colour(acgan, toy_run(acgan, '--real-cls-only')[2], tmp_path)
+
+
+def test_acgan_g_cls_weight(toy_run, tmp_path):
+    """--g-cls-weight weighs the class loss in G's update alone: at 0 G has no reason to draw the asked colour
+    and does not (asked red and asked blue within 30 grey levels); at the toy's --cls-weight, the default, it
+    follows by > 100 (test_attr_gives_the_asked_colour)."""
+    _, _, run = toy_run(acgan, '--g-cls-weight', '0')
+    diff = red_minus_blue(acgan, run, tmp_path)
+    assert abs(diff['red'] - diff['blue']) < 30, diff
+    assert common.load_checkpoint(run / 'ckpt.pt')['args']['g_cls_weight'] == 0
 
 
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
