@@ -17,6 +17,8 @@ Flags as in dcgan.py, each measured in results/notes/conditional.md:
                               of D's BatchNorm; the classifier heads read the same BatchNorm-free features
     --real-cls-only           D's heads learn the classes from real faces only; the paper trains them on fakes too,
                               so G can satisfy them with whatever marks D learns to read in its own fakes
+    --g-cls-weight W          the class loss's weight in G's update alone (default: --cls-weight); lower, G is
+                              pulled less toward faces the heads read with certainty (measured: no gain at 0.1)
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
