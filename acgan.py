@@ -19,6 +19,8 @@ Flags as in dcgan.py, each measured in results/notes/conditional.md:
                               so G can satisfy them with whatever marks D learns to read in its own fakes
     --g-cls-weight W          the class loss's weight in G's update alone (default: --cls-weight); lower, G is
                               pulled less toward faces the heads read with certainty (measured: no gain at 0.1)
+    --projection              D's real/fake logit also scores the pair (image, labels): + <embed(y), features(x)>
+                              (Miyato & Koyama 2018); with --cls-weight 0 it is a projection cGAN, no classifier
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
@@ -65,6 +67,9 @@ def get_args(argv=None):
     p.add_argument('--g-cls-weight', type=float, default=None, help='weight of the class loss in G\'s update only: '
                    'below --cls-weight, G is pulled less toward the faces D\'s heads read with certainty (default: '
                    '--cls-weight, as the paper)')
+    p.add_argument('--projection', action='store_true', help='projection discriminator (Miyato & Koyama 2018): D\'s '
+                   'real/fake logit gains a term <embed(y), sum-pooled features(x)> per attribute, so D judges whether '
+                   'the face fits its labels; add --cls-weight 0 to drop the classifier loss (default: off, as the paper)')
     recipes.add_ema_diffaug_args(p, ema_kimg=0.0)
     common.add_recipe_arg(p, BEST, 'results/acgan_G.pt, FID 66.5 on 10,000 samples, the epoch-56 snapshot of a run '
                           'halved at epochs 28 and 44')
@@ -104,9 +109,11 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """DCGAN discriminator with two outputs from its last features: a real/fake logit and, per attribute,
     class logits (never softmaxed here: cross_entropy takes logits). bn=False (--r1): no BatchNorm, biases
-    instead; the R1 penalty on the real/fake logit keeps D smooth, and the heads share its features."""
+    instead; the R1 penalty on the real/fake logit keeps D smooth, and the heads share its features.
+    projection=True: D(x, y) adds, per attribute, the inner product of a learned class embedding with the
+    sum-pooled features, so the real/fake logit says "a real face with these labels" (Miyato & Koyama 2018)."""
 
-    def __init__(self, ndf=64, n_classes=(2,), nc=3, bn=True):
+    def __init__(self, ndf=64, n_classes=(2,), nc=3, bn=True, projection=False):
         super().__init__()
         self.n_classes = list(n_classes)
         norm = nn.BatchNorm2d if bn else (lambda c: nn.Identity())
@@ -119,15 +126,24 @@ class Discriminator(nn.Module):
         )
         self.adv = nn.Conv2d(ndf * 8, 1, 4, 1, 0)                   # -> 1 x 1 x 1: real/fake logit
         self.cls = nn.Conv2d(ndf * 8, sum(self.n_classes), 4, 1, 0)  # -> all attributes' class logits
+        self.embed = nn.ModuleList(nn.Embedding(n, ndf * 8) for n in self.n_classes) if projection else None
 
-    def forward(self, x):
+    def forward(self, x, y=None):                               # y: (B, attributes) class indices, -1 unknown
         h = self.features(x)
-        return self.adv(h).flatten(), self.cls(h).flatten(1).split(self.n_classes, dim=1)
+        adv = self.adv(h).flatten()
+        if self.embed is not None:
+            phi = h.sum((2, 3))                                 # (B, ndf*8): features summed over the 4 x 4 grid
+            for i, embed in enumerate(self.embed):              # an unknown label adds nothing
+                adv = adv + (embed(y[:, i].clamp(min=0)) * phi).sum(1) * (y[:, i] >= 0)
+        return adv, self.cls(h).flatten(1).split(self.n_classes, dim=1)
 
 
 def init_weights(m):
-    """DCGAN paper: all weights from N(0, 0.02); BatchNorm scale from N(1, 0.02)."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+    """DCGAN paper: all weights from N(0, 0.02); BatchNorm scale from N(1, 0.02). The projection's class
+    embeddings too, so their term starts at the scale of the real/fake conv's."""
+    if isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
@@ -203,7 +219,8 @@ def train(args):
     labels, label_args = run.load_labels()
     model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample, **label_args)
     G = run.prepare(Generator(**model_args))
-    D = run.prepare(Discriminator(args.ndf, G.n_classes, bn=not args.r1), compilable=not args.r1)   # R1: double backward
+    D = run.prepare(Discriminator(args.ndf, G.n_classes, bn=not args.r1, projection=args.projection),
+                    compilable=not args.r1)   # R1: double backward
     G.apply(init_weights)
     D.apply(init_weights)
     # a second copy of G whose weights trail G's: it samples, G trains
@@ -229,11 +246,11 @@ def train(args):
         # an R1 step's real pass runs in fp32 (a gradient of a gradient, where bf16 rounding would dominate)
         if r1_step:
             real = real.detach().requires_grad_(True)
-            real_logits, real_cls = D(aug(real))
+            real_logits, real_cls = D(aug(real), y_real)
         with run.autocast():
             if not r1_step:
-                real_logits, real_cls = D(aug(real))
-            fake_logits, fake_cls = D(aug(fake.detach()))
+                real_logits, real_cls = D(aug(real), y_real)
+            fake_logits, fake_cls = D(aug(fake.detach()), y_fake)
         # the heads learn from fakes too (the paper), unless --real-cls-only: then they only ever see real faces
         loss_cls = cls_loss(real_cls, y_real) + (0 if args.real_cls_only else cls_loss(fake_cls, y_fake))
         loss_d = (d_adv_loss(real_logits.float(), fake_logits.float(), args.real_label, args.fake_label)
@@ -248,7 +265,7 @@ def train(args):
         # (2) update G: maximize log D(G(z, y)) and make D read y in G(z, y)
         D.requires_grad_(False)
         with run.autocast():
-            gen_logits, gen_cls = D(aug(fake))
+            gen_logits, gen_cls = D(aug(fake), y_fake)
         loss_g = g_adv_loss(gen_logits.float(), args.real_label) + g_cls_weight * cls_loss(gen_cls, y_fake)
         opt_g.zero_grad(set_to_none=True)
         run.backward(loss_g, 'G')
@@ -261,7 +278,7 @@ def train(args):
                   d_fake=torch.sigmoid(fake_logits.float()).mean(),
                   acc_real=accuracy(real_cls, y_real), acc_fake=accuracy(gen_cls, y_fake))
     run.finish()
-    if run.main and args.control_n:
+    if run.main and args.control_n and args.cls_weight > 0:   # at --cls-weight 0 the heads never learned
         control = control_accuracy(G_ema if G_ema is not None else G, D, model_args, args.control_n, run.device, args.seed + 3)
         run.write_json('control.json', {'step': run.global_step, 'n': args.control_n, 'd_heads_on_generated': control})
         run.log('control (D\'s heads read the asked-for class on generated faces): '
