@@ -12,6 +12,8 @@ and Adam 1e-4, betas (0.5, 0.9) as in the paper. Flags as in acgan.py, each meas
     --diffaug translation,cutout   DiffAugment on every image the critic sees, the penalty's interpolates made
                               between augmented faces; leave out `color`: the heads must tell colours apart
     --upsample                G grows by nearest-neighbour resize + 3x3 conv, not transposed convs (Odena et al. 2016)
+    --projection              the critic's score also rates the pair (image, labels): + <embed(y), features(x)>
+                              (Miyato & Koyama 2018); with --cls-weight 0 there is no classifier at all
 
     python wacgan_gp.py --data faces/ --labels labels.csv --epochs 50
     python wacgan_gp.py --data faces/ --labels labels.csv --recipe best   # the flags of the shipped WACGAN-GP
@@ -53,6 +55,10 @@ def get_args(argv=None):
                    'the script 2.8x its textbook loop, against 1.6x with fp32, and no FID cost in a two-seed parity '
                    'run, results/speed.md); fp32: always in fp32 (default: %(default)s)')
     p.add_argument('--upsample', action='store_true', help='G grows by nearest-neighbour upsampling + 3x3 conv, not transposed convs')
+    p.add_argument('--projection', action='store_true', help='projection critic (Miyato & Koyama 2018): its score gains '
+                   'a term <embed(y), sum-pooled features(x)> per attribute, so it rates whether the face fits its labels; '
+                   'the penalty\'s interpolates take the real faces\' labels; add --cls-weight 0 to drop the classifier '
+                   'loss (default: off, as the paper)')
     recipes.add_ema_diffaug_args(p, ema_kimg=0.0)
     common.add_recipe_arg(p, BEST, 'results/wacgan_gp_G.pt, FID 73.3 on 10,000 samples, the epoch-58 snapshot of a '
                           'run halved at epochs 8, 28 and 50')
@@ -94,9 +100,10 @@ class Generator(nn.Module):
 
 class Critic(nn.Module):
     """Strided-conv critic without normalisation: a Wasserstein score (no sigmoid) and, per attribute,
-    class logits."""
+    class logits. projection=True: the score adds, per attribute, the inner product of a learned class
+    embedding with the sum-pooled features, so it rates "a real face with these labels" (Miyato & Koyama 2018)."""
 
-    def __init__(self, ndf=64, n_classes=(2,), nc=3):
+    def __init__(self, ndf=64, n_classes=(2,), nc=3, projection=False):
         super().__init__()
         self.n_classes = list(n_classes)
         block = lambda cin, cout: [nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2, True)]
@@ -108,24 +115,32 @@ class Critic(nn.Module):
         )
         self.score = nn.Conv2d(ndf * 8, 1, 4, 1, 0)                 # -> 1 x 1 x 1: the critic's value
         self.cls = nn.Conv2d(ndf * 8, sum(self.n_classes), 4, 1, 0)  # -> all attributes' class logits
+        self.embed = nn.ModuleList(nn.Embedding(n, ndf * 8) for n in self.n_classes) if projection else None
 
-    def forward(self, x):
+    def forward(self, x, y=None):                               # y: (B, attributes) class indices, -1 unknown
         h = self.features(x)
-        return self.score(h).flatten(), self.cls(h).flatten(1).split(self.n_classes, dim=1)
+        score = self.score(h).flatten()
+        if self.embed is not None:
+            phi = h.sum((2, 3))                                 # (B, ndf*8): features summed over the 4 x 4 grid
+            for i, embed in enumerate(self.embed):              # an unknown label adds nothing
+                score = score + (embed(y[:, i].clamp(min=0)) * phi).sum(1) * (y[:, i] >= 0)
+        return score, self.cls(h).flatten(1).split(self.n_classes, dim=1)
 
 
-def critic_real_fake(D, real, fake):
+def critic_real_fake(D, real, fake, y_real=None, y_fake=None):
     """The critic's scores and class logits of real and fake faces from one pass over both batches: without
     BatchNorm each face's output depends on that face alone, so this is two passes' numbers, at the cost of
     one (one cast of the weights, larger matrix products). -> real_score, fake_score, real_cls, fake_cls."""
-    score, cls = D(torch.cat([real, fake]))
+    score, cls = D(torch.cat([real, fake]), None if y_real is None else torch.cat([y_real, y_fake]))
     B = len(real)
     return score[:B], score[B:], [c[:B] for c in cls], [c[B:] for c in cls]
 
 
 def init_weights(m):
-    """N(0, 0.02) convolutions as in DCGAN; BatchNorm (in G only) scale from N(1, 0.02)."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+    """N(0, 0.02) convolutions and projection embeddings as in DCGAN; BatchNorm (in G only) scale from N(1, 0.02)."""
+    if isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
@@ -209,7 +224,7 @@ def train(args):
     labels, label_args = run.load_labels()
     model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample, **label_args)
     G = run.prepare(Generator(**model_args))
-    D = run.prepare(Critic(args.ndf, G.n_classes), compilable=False)   # GP: double backward
+    D = run.prepare(Critic(args.ndf, G.n_classes, projection=args.projection), compilable=False)   # GP: double backward
     G.apply(init_weights)
     D.apply(init_weights)
     # a second copy of G whose weights trail G's: it samples, G trains
@@ -228,10 +243,12 @@ def train(args):
         # (1) update the critic: maximize D(real) - D(fake) under the gradient penalty, and classify
         with run.autocast():
             real, fake = aug(real), aug(G(z, y_fake).detach())   # the critic only ever sees augmented faces
-            real_score, fake_score, real_cls, fake_cls = critic_real_fake(D, real, fake)
+            real_score, fake_score, real_cls, fake_cls = critic_real_fake(D, real, fake, y_real, y_fake)
         # the interpolates' critic pass under the run's precision (bf16: the critic step 1.9x faster, no FID
-        # cost in a two-seed parity run); the input gradient and its norm stay fp32 (--gp-precision fp32: all fp32)
-        gp = gradient_penalty(D, interpolates(real.float(), fake.float()), run.autocast() if args.gp_precision == 'same' else None)
+        # cost in a two-seed parity run); the input gradient and its norm stay fp32 (--gp-precision fp32: all fp32).
+        # --projection: an interpolate between a real and a fake face is scored with the real face's labels
+        gp = gradient_penalty(lambda x: D(x, y_real), interpolates(real.float(), fake.float()),
+                              run.autocast() if args.gp_precision == 'same' else None)
         loss_d = (critic_loss(real_score.float(), fake_score.float()) + args.gp_weight * gp
                   + args.cls_weight * (cls_loss(real_cls, y_real) + cls_loss(fake_cls, y_fake)))
         opt_d.zero_grad(set_to_none=True)
@@ -242,7 +259,7 @@ def train(args):
         if step % args.n_critic == args.n_critic - 1:
             D.requires_grad_(False)
             with run.autocast():
-                gen_score, gen_cls = D(aug(G(z, y_fake)))
+                gen_score, gen_cls = D(aug(G(z, y_fake)), y_fake)
             loss_g = g_wgan_loss(gen_score.float()) + args.cls_weight * cls_loss(gen_cls, y_fake)
             opt_g.zero_grad(set_to_none=True)
             run.backward(loss_g, 'G')
@@ -255,7 +272,7 @@ def train(args):
         run.track(loss_d=loss_d, loss_g=loss_g, w_dist=real_score.float().mean() - fake_score.float().mean(), gp=gp,
                   acc_real=accuracy(real_cls, y_real), acc_fake=acc_gen)
     run.finish()
-    if run.main and args.control_n:
+    if run.main and args.control_n and args.cls_weight > 0:   # at --cls-weight 0 the heads never learned
         control = control_accuracy(G_ema if G_ema is not None else G, D, model_args, args.control_n, run.device, args.seed + 3)
         run.write_json('control.json', {'step': run.global_step, 'n': args.control_n, 'd_heads_on_generated': control})
         run.log('control (the critic\'s heads read the asked-for class on generated faces): '

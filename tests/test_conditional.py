@@ -175,35 +175,42 @@ def test_acgan_g_cls_weight(toy_run, tmp_path):
     assert common.load_checkpoint(run / 'ckpt.pt')['args']['g_cls_weight'] == 0
 
 
-def test_acgan_projection_term():
-    """--projection: D(x, y) = D's real/fake logit + sum over attributes of <embed(y), sum-pooled features>;
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_projection_term(module):
+    """--projection: D(x, y) = D's real/fake score + sum over attributes of <embed(y), sum-pooled features>;
     an unknown label (-1) adds nothing; the classifier heads are the same as without it."""
     torch.manual_seed(0)
-    D = acgan.Discriminator(8, [3, 2], projection=True)
-    D.apply(acgan.init_weights)
+    D = (acgan.Discriminator if module is acgan else wacgan_gp.Critic)(8, [3, 2], projection=True)
+    D.apply(module.init_weights)
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([[0, 1], [2, -1], [1, 0], [-1, -1]])
     adv, cls = D(x, y)
     h = D.features(x)
+    plain = (D.adv if module is acgan else D.score)(h).flatten()
     phi = h.sum((2, 3))
-    want = D.adv(h).flatten().clone()
+    want = plain.clone()
     for b in range(4):
         for i in range(2):
             if y[b, i] >= 0:
                 want[b] += D.embed[i].weight[y[b, i]] @ phi[b]
     assert torch.allclose(adv, want, atol=1e-5)
-    assert adv[3] == D.adv(h).flatten()[3]                       # no known label: the plain logit
+    assert adv[3] == plain[3]                                    # no known label: the plain score
     assert not torch.allclose(D(x, y.flip(0))[0], adv)           # other labels, another score
     assert torch.equal(torch.cat(cls, 1), D.cls(h).flatten(1))
     assert D.embed[0].weight.std() < 0.03                        # DCGAN's N(0, 0.02), like the convs
+    if module is wacgan_gp:                                      # the one-pass critic passes the labels along
+        fake, y_fake = torch.randn(4, 3, 64, 64), y.roll(1, 0)
+        rs, fs, _, _ = wacgan_gp.critic_real_fake(D, x, fake, y, y_fake)
+        assert torch.allclose(rs, adv, atol=1e-5) and torch.allclose(fs, D(fake, y_fake)[0], atol=1e-5)
 
 
-def test_acgan_projection_toy(toy_run, tmp_path):
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_projection_toy(module, toy_run, tmp_path):
     """A projection cGAN (--projection --cls-weight 0: no classifier loss at all) learns the toy's asked colour:
-    the labels reach G only through D's projection term; it takes twice the toy's epochs (asked red minus asked
-    blue on seeds 0-3: 107, 237, 166, 24 at 60 epochs; 255, 431, 320, 171 at 120). No control.json: D's heads
-    were never trained."""
-    _, _, run = toy_run(acgan, '--projection', '--cls-weight', '0', '--epochs', '120')
-    assert_follows_colour(acgan, run, tmp_path)
+    the labels reach G only through D's projection term. Asked red minus asked blue on seeds 0-3: acgan 107, 237,
+    166, 24 at the toy's 60 epochs, 255, 431, 320, 171 at 120 (so 120 here); wacgan_gp 372, 399, 335, 379.
+    No control.json: D's heads were never trained."""
+    _, _, run = toy_run(module, '--projection', '--cls-weight', '0', *(['--epochs', '120'] if module is acgan else []))
+    assert_follows_colour(module, run, tmp_path)
     assert not (run / 'control.json').exists()
 
 
