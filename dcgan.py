@@ -12,8 +12,8 @@ train better on the same budget are flags, each measured in results/README.md:
     --diffaug OPS        DiffAugment (Zhao et al. 2020) on every image D sees
     --upsample           G grows by nearest-neighbour resize + 3x3 conv, not transposed convs (Odena et al. 2016)
     --r1 GAMMA           R1 penalty on real images (Mescheder et al. 2018) instead of D's BatchNorm
-    --linear-out         G ends in its last conv, no tanh, as StyleGAN's toRGB; samples are clamped (under test:
-                         results/notes/blotches.md)
+    --linear-out         G ends in its last conv, no tanh, as StyleGAN's toRGB; samples are clamped (white blotches
+                         18.5% -> 0.1% at epoch 36, FID 5 points worse so far: results/notes/blotches.md)
 
     python dcgan.py --data faces/ --epochs 150                 # train (run folder: runs/dcgan)
     python dcgan.py --data faces/ --recipe best                # all the flags above that the shipped DCGAN used
