@@ -21,6 +21,7 @@ Flags as in dcgan.py, each measured in results/notes/conditional.md:
                               pulled less toward faces the heads read with certainty (measured: no gain at 0.1)
     --projection              D's real/fake logit also scores the pair (image, labels): + <embed(y), features(x)>
                               (Miyato & Koyama 2018); with --cls-weight 0 it is a projection cGAN, no classifier
+                              (measured so: the same FID to epoch 20, eye colour obeyed on 43% of faces, not 99%)
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
