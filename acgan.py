@@ -72,10 +72,6 @@ def get_args(argv=None):
                    'real/fake logit gains a term <embed(y), sum-pooled features(x)> per attribute, so D judges whether '
                    'the face fits its labels; add --cls-weight 0 to drop the classifier loss (default: off, as the paper)')
     recipes.add_ema_diffaug_args(p, ema_kimg=0.0)
-    p.add_argument('--cls-diffaug', type=recipes.diffaug_ops, default=None, metavar='OPS',
-                   help='DiffAugment for what D\'s class heads see, where it differs from --diffaug: with --diffaug '
-                   'color,translation,cutout --cls-diffaug translation,cutout the real/fake logit sees colour-jittered '
-                   'faces and the heads true colours (D runs twice per batch) (default: the same view as --diffaug)')
     common.add_recipe_arg(p, BEST, 'results/acgan_G.pt, FID 66.5 on 10,000 samples, the epoch-56 snapshot of a run '
                           'halved at epochs 28 and 44')
     return common.parse_args(p, argv)
@@ -203,16 +199,6 @@ def accuracy(logits, y):
     return torch.stack(acc).float().mean()
 
 
-def d_outputs(D, x, y, aug, aug_cls=None):
-    """D's real/fake logits on aug(x), its class logits on aug_cls(x): two views of the same faces, so the
-    real/fake judgement can learn from colour jitter that would make hair and eye colours unreadable.
-    aug_cls None: one pass, both outputs on aug(x)."""
-    adv, cls = D(aug(x), y)
-    if aug_cls is not None:
-        _, cls = D(aug_cls(x), y)
-    return adv, cls
-
-
 @torch.no_grad()
 def control_accuracy(G, D, model_args, n, device, seed):
     """Per attribute, how often D's classifier head reads a generated face as the class it was asked for."""
@@ -247,7 +233,6 @@ def train(args):
     ema_beta = recipes.ema_beta(args.batch_size, args.ema_kimg)
     g_cls_weight = args.cls_weight if args.g_cls_weight is None else args.g_cls_weight
     aug = lambda x: recipes.diff_augment(x, args.diffaug)   # identity without --diffaug; the labels stay
-    aug_cls = None if args.cls_diffaug is None else (lambda x: recipes.diff_augment(x, args.cls_diffaug))
 
     r1 = torch.zeros((), device=run.device)   # logged between R1 steps as its last value
 
@@ -262,11 +247,11 @@ def train(args):
         # an R1 step's real pass runs in fp32 (a gradient of a gradient, where bf16 rounding would dominate)
         if r1_step:
             real = real.detach().requires_grad_(True)
-            real_logits, real_cls = d_outputs(D, real, y_real, aug, aug_cls)
+            real_logits, real_cls = D(aug(real), y_real)
         with run.autocast():
             if not r1_step:
-                real_logits, real_cls = d_outputs(D, real, y_real, aug, aug_cls)
-            fake_logits, fake_cls = d_outputs(D, fake.detach(), y_fake, aug, aug_cls)
+                real_logits, real_cls = D(aug(real), y_real)
+            fake_logits, fake_cls = D(aug(fake.detach()), y_fake)
         # the heads learn from fakes too (the paper), unless --real-cls-only: then they only ever see real faces
         loss_cls = cls_loss(real_cls, y_real) + (0 if args.real_cls_only else cls_loss(fake_cls, y_fake))
         loss_d = (d_adv_loss(real_logits.float(), fake_logits.float(), args.real_label, args.fake_label)
@@ -281,7 +266,7 @@ def train(args):
         # (2) update G: maximize log D(G(z, y)) and make D read y in G(z, y)
         D.requires_grad_(False)
         with run.autocast():
-            gen_logits, gen_cls = d_outputs(D, fake, y_fake, aug, aug_cls)
+            gen_logits, gen_cls = D(aug(fake), y_fake)
         loss_g = g_adv_loss(gen_logits.float(), args.real_label) + g_cls_weight * cls_loss(gen_cls, y_fake)
         opt_g.zero_grad(set_to_none=True)
         run.backward(loss_g, 'G')

@@ -214,30 +214,6 @@ def test_projection_toy(module, toy_run, tmp_path):
     assert not (run / 'control.json').exists()
 
 
-def test_acgan_cls_diffaug(faces, tmp_path, monkeypatch):
-    """--cls-diffaug: D's real/fake logit reads the --diffaug view, its heads another view of the same faces
-    (so colour jitter can train the real/fake judgement while the heads see true colours); with R1 the run
-    resumes exactly, and each step runs D twice per batch of real, fake and G's fakes."""
-    torch.manual_seed(0)
-    D = acgan.Discriminator(8, [3, 2], bn=False)
-    x, y = torch.rand(4, 3, 64, 64) * 2 - 1, torch.tensor([[0, 1], [2, 0], [1, 0], [0, 1]])
-    flip = lambda v: -v
-    adv, cls = acgan.d_outputs(D, x, y, flip, lambda v: v)
-    assert torch.equal(adv, D(-x, y)[0]) and not torch.allclose(adv, D(x, y)[0])
-    assert all(torch.equal(a, b) for a, b in zip(cls, D(x, y)[1]))       # the heads saw x itself
-    assert all(torch.equal(a, b) for a, b in zip(acgan.d_outputs(D, x, y, flip)[1], D(-x, y)[1]))   # default: one view
-    calls = []
-    real_forward = acgan.Discriminator.forward
-    monkeypatch.setattr(acgan.Discriminator, 'forward', lambda self, *a: calls.append(1) or real_forward(self, *a))
-    flags = ['--r1', '0.1', '--r1-every', '2', '--diffaug', 'color,translation', '--cls-diffaug', 'translation']
-    straight = train(acgan, faces, LABELS, tmp_path / 'a', '--epochs', '2', '--control-n', '0', *flags)
-    assert len(calls) == straight['step'] * 6 and straight['args']['cls_diffaug'] == 'translation'
-    train(acgan, faces, LABELS, tmp_path / 'b', '--epochs', '1', '--control-n', '0', *flags)
-    assert_same_state(straight, train(acgan, faces, LABELS, tmp_path / 'b', '--epochs', '2', '--resume'))
-    with pytest.raises(SystemExit):
-        acgan.get_args(['--cls-diffaug', 'hue'])
-
-
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_resume_equals_uninterrupted(module, faces, tmp_path):
     flags = ['--n-critic', '2'] if module is wacgan_gp else []
