@@ -14,6 +14,8 @@ and Adam 1e-4, betas (0.5, 0.9) as in the paper. Flags as in acgan.py, each meas
     --upsample                G grows by nearest-neighbour resize + 3x3 conv, not transposed convs (Odena et al. 2016)
     --projection              the critic's score also rates the pair (image, labels): + <embed(y), features(x)>
                               (Miyato & Koyama 2018); with --cls-weight 0 there is no classifier at all
+    --cond-bn                 labels into G through its BatchNorms' scale and shift (de Vries et al. 2017), not as
+                              one-hot inputs, which give G a label-made 4 x 4 pattern z cannot move
 
     python wacgan_gp.py --data faces/ --labels labels.csv --epochs 50
     python wacgan_gp.py --data faces/ --labels labels.csv --recipe best   # the flags of the shipped WACGAN-GP
@@ -59,6 +61,8 @@ def get_args(argv=None):
                    'a term <embed(y), sum-pooled features(x)> per attribute, so it rates whether the face fits its labels; '
                    'the penalty\'s interpolates take the real faces\' labels; add --cls-weight 0 to drop the classifier '
                    'loss (default: off, as the paper)')
+    p.add_argument('--cond-bn', action='store_true', help='labels into G as the scale and shift of its BatchNorms '
+                   '(conditional BatchNorm), not as one-hot inputs beside z (default: off, as the paper)')
     recipes.add_ema_diffaug_args(p, ema_kimg=0.0)
     common.add_recipe_arg(p, BEST, 'results/wacgan_gp_G.pt, FID 73.3 on 10,000 samples, the epoch-58 snapshot of a '
                           'run halved at epochs 8, 28 and 50')
@@ -71,22 +75,46 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------------
 # Model
 
+class CondBatchNorm2d(nn.Module):
+    """BatchNorm whose per-channel scale and shift come from the labels (de Vries et al. 2017; the G of SNGAN's
+    projection cGAN and of BigGAN): one embedding table per attribute, summed. With a single class it is
+    BatchNorm with its own scale and shift, so G is dcgan.py's G exactly."""
+
+    def __init__(self, c, n_classes):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c, affine=False)
+        self.gain = nn.ModuleList(nn.Embedding(n, c) for n in n_classes)   # scale = 1 + sum of these
+        self.bias = nn.ModuleList(nn.Embedding(n, c) for n in n_classes)
+
+    def forward(self, x, y):
+        h = self.bn(x)
+        gain = 1 + sum(e(y[:, i]) for i, e in enumerate(self.gain))
+        bias = sum(e(y[:, i]) for i, e in enumerate(self.bias))
+        return h * gain[:, :, None, None].to(h.dtype) + bias[:, :, None, None].to(h.dtype)
+
+
 class Generator(nn.Module):
-    """DCGAN generator whose input is z concatenated with the one-hot class of every attribute.
+    """DCGAN generator whose input is z concatenated with the one-hot class of every attribute (the paper),
+    or with cond_bn (--cond-bn) z alone, the labels setting the scale and shift of every BatchNorm.
 
     vocab: attribute -> class names (from the labels CSV); label_prior: the data's label combinations and
     their counts, unused by the network but kept with its arguments so sampling needs no CSV."""
 
-    def __init__(self, z_dim=100, ngf=64, vocab=None, label_prior=None, nc=3, upsample=False):
+    def __init__(self, z_dim=100, ngf=64, vocab=None, label_prior=None, nc=3, upsample=False, cond_bn=False):
         super().__init__()
-        self.z_dim, self.n_classes = z_dim, [len(v) for v in vocab.values()]
+        self.z_dim, self.n_classes, self.cond_bn = z_dim, [len(v) for v in vocab.values()], cond_bn
         # upsample: each 2x step is nearest-neighbour resize + 3x3 conv instead of a stride-2 transposed conv,
         # whose odd and even output pixels come from different kernel taps (a checkerboard training must cancel)
         up = ((lambda cin, cout, bias: [nn.Upsample(scale_factor=2), nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)]) if upsample
               else (lambda cin, cout, bias: [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)]))
-        block = lambda cin, cout: [*up(cin, cout, False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+        norm = (lambda c: CondBatchNorm2d(c, self.n_classes)) if cond_bn else nn.BatchNorm2d
+        block = lambda cin, cout: [*up(cin, cout, False), norm(cout), nn.ReLU(True)]
+        # one-hot inputs to the first transposed conv give every label (and, even for labels G ignores, their
+        # average) a learned 4 x 4 pattern that z does not move: in acgan.py, 30-40 FID points behind dcgan.py at
+        # epochs 12-16 with a single constant label (results/notes/conditional.md). BatchNorm shifts are per channel.
+        n_in = z_dim if cond_bn else z_dim + sum(self.n_classes)
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(z_dim + sum(self.n_classes), ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
+            nn.ConvTranspose2d(n_in, ngf * 8, 4, 1, 0, bias=False), norm(ngf * 8), nn.ReLU(True),
             *block(ngf * 8, ngf * 4),                           # (ngf*8) x 4 x 4 -> (ngf*4) x 8 x 8
             *block(ngf * 4, ngf * 2),                           # -> (ngf*2) x 16 x 16
             *block(ngf * 2, ngf),                               # -> ngf x 32 x 32
@@ -94,8 +122,13 @@ class Generator(nn.Module):
         )
 
     def forward(self, z, y):                                    # z: (B, z_dim), y: (B, attributes) class indices
-        onehot = [F.one_hot(y[:, i], n).to(z.dtype) for i, n in enumerate(self.n_classes)]
-        return self.net(torch.cat([z, *onehot], 1)[:, :, None, None])
+        if not self.cond_bn:
+            onehot = [F.one_hot(y[:, i], n).to(z.dtype) for i, n in enumerate(self.n_classes)]
+            return self.net(torch.cat([z, *onehot], 1)[:, :, None, None])
+        h = z[:, :, None, None]
+        for m in self.net:                                      # the labels enter at every BatchNorm
+            h = m(h, y) if isinstance(m, CondBatchNorm2d) else m(h)
+        return h
 
 
 class Critic(nn.Module):
@@ -137,14 +170,18 @@ def critic_real_fake(D, real, fake, y_real=None, y_fake=None):
 
 
 def init_weights(m):
-    """N(0, 0.02) convolutions and projection embeddings as in DCGAN; BatchNorm (in G only) scale from N(1, 0.02)."""
-    if isinstance(m, nn.Embedding):
+    """N(0, 0.02) convolutions and projection embeddings as in DCGAN; BatchNorm (in G only) scale from N(1, 0.02),
+    and so the conditional BatchNorm's (1 + an embedding from N(0, 0.02), shifts from 0)."""
+    if isinstance(m, CondBatchNorm2d):   # after its embeddings (apply visits children first)
+        for e in m.bias:
+            nn.init.zeros_(e.weight)
+    elif isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, 0.0, 0.02)
     elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.BatchNorm2d):
+    elif isinstance(m, nn.BatchNorm2d) and m.affine:
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
 
@@ -222,7 +259,8 @@ def train(args):
     run = training.Run(args, 'wacgan_gp')
     images = run.load_images()
     labels, label_args = run.load_labels()
-    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample, **label_args)
+    model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample, **label_args,
+                      **({'cond_bn': True} if args.cond_bn else {}))   # only when set: older runs resume as saved
     G = run.prepare(Generator(**model_args))
     D = run.prepare(Critic(args.ndf, G.n_classes, projection=args.projection), compilable=False)   # GP: double backward
     G.apply(init_weights)

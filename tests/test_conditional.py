@@ -175,7 +175,8 @@ def test_acgan_g_cls_weight(toy_run, tmp_path):
     assert common.load_checkpoint(run / 'ckpt.pt')['args']['g_cls_weight'] == 0
 
 
-def test_acgan_cond_bn_one_class_is_dcgan():
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_cond_bn_one_class_is_dcgan(module):
     """--cond-bn with a single class is dcgan.py's G (each BatchNorm's scale and shift its one class's embedding):
     the same faces in training and in eval mode. The paper's one-hot input is not: its label, even a constant
     one, feeds the first transposed conv a learned 4 x 4 pattern of its own."""
@@ -183,8 +184,8 @@ def test_acgan_cond_bn_one_class_is_dcgan():
     torch.manual_seed(0)
     ref = dcgan.Generator(z_dim=16, ngf=8, upsample=True)
     ref.apply(dcgan.init_weights)
-    G = acgan.Generator(z_dim=16, ngf=8, vocab={'face': ['any']}, upsample=True, cond_bn=True)
-    G.apply(acgan.init_weights)
+    G = module.Generator(z_dim=16, ngf=8, vocab={'face': ['any']}, upsample=True, cond_bn=True)
+    G.apply(module.init_weights)
     assert G.net[0].weight.shape == ref.net[0].weight.shape                  # z alone into the first layer
     state = {}
     for k, v in ref.state_dict().items():
@@ -202,20 +203,22 @@ def test_acgan_cond_bn_one_class_is_dcgan():
     assert torch.allclose(G(z, y), ref(z), atol=1e-5)
     ref(z), G(z, y)                                                           # move the running statistics
     assert torch.allclose(G.eval()(z, y), ref.eval()(z), atol=1e-5)
-    onehot = acgan.Generator(z_dim=16, ngf=8, vocab={'face': ['any']}, upsample=True)
+    onehot = module.Generator(z_dim=16, ngf=8, vocab={'face': ['any']}, upsample=True)
     assert onehot.net[0].weight.shape[0] == 17
 
 
-def test_acgan_cond_bn_toy_and_resume(toy_run, faces, tmp_path):
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_cond_bn_toy_and_resume(module, toy_run, faces, tmp_path):
     """--cond-bn: G follows the toy's asked colour with the labels in its BatchNorms alone; resume is exact;
     the export samples --attr from the file alone."""
-    assert_follows_colour(acgan, toy_run(acgan, '--cond-bn')[2], tmp_path)
-    straight = train(acgan, faces, LABELS, tmp_path / 'a', '--epochs', '2', '--cond-bn', '--ema-kimg', '0.02')
-    train(acgan, faces, LABELS, tmp_path / 'b', '--epochs', '1', '--cond-bn', '--ema-kimg', '0.02')
-    assert_same_state(straight, train(acgan, faces, LABELS, tmp_path / 'b', '--epochs', '2', '--resume'))
+    assert_follows_colour(module, toy_run(module, '--cond-bn')[2], tmp_path)
+    flags = ['--cond-bn', '--ema-kimg', '0.02'] + ['--n-critic', '2'] * (module is wacgan_gp)
+    straight = train(module, faces, LABELS, tmp_path / 'a', '--epochs', '2', *flags)
+    train(module, faces, LABELS, tmp_path / 'b', '--epochs', '1', *flags)
+    assert_same_state(straight, train(module, faces, LABELS, tmp_path / 'b', '--epochs', '2', '--resume'))
     assert straight['model_args']['cond_bn'] and 'net.1.gain.2.weight' in straight['models']['G_ema']
-    acgan.main(['--export', str(tmp_path / 'G.pt'), '--ckpt', str(tmp_path / 'a' / 'ckpt.pt')])
-    acgan.main(['--sample', '8', '--ckpt', str(tmp_path / 'G.pt'), '--out', str(tmp_path / 's'), '--attr', 'gender=male'])
+    module.main(['--export', str(tmp_path / 'G.pt'), '--ckpt', str(tmp_path / 'a' / 'ckpt.pt')])
+    module.main(['--sample', '8', '--ckpt', str(tmp_path / 'G.pt'), '--out', str(tmp_path / 's'), '--attr', 'gender=male'])
     assert len([f for f in os.listdir(tmp_path / 's') if f[:6].isdigit()]) == 8
 
 
