@@ -23,7 +23,8 @@ Flags as in dcgan.py, each measured in results/notes/conditional.md:
                               (Miyato & Koyama 2018); with --cls-weight 0 it is a projection cGAN, no classifier
                               (measured so: the same FID to epoch 20, eye colour obeyed on 43% of faces, not 99%)
     --cond-bn                 labels into G through its BatchNorms' scale and shift (de Vries et al. 2017), not as
-                              one-hot inputs, which give G a label-made 4 x 4 pattern z cannot move
+                              one-hot inputs, which give G a label-made 4 x 4 pattern z cannot move (measured
+                              so far: no gain beside the class loss to epoch 16; results/notes/conditional.md)
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
