@@ -492,9 +492,9 @@ def test_acgan_one_class_cond_bn_trains_as_dcgan(faces, tmp_path, monkeypatch):
                 p.copy_(q)
 
     setup = training.Run.setup
-    def setup_same(self, G, D, *a, G_ema=None, **k):
+    def setup_same(self, G, D, *a, **k):
         same_weights(G, D)
-        setup(self, G, D, *a, G_ema=G_ema, **k)
+        setup(self, G, D, *a, **k)
         torch.manual_seed(123)                                    # the same noise from here on
     monkeypatch.setattr(training.Run, 'setup', setup_same)
     monkeypatch.setattr(dataset, 'draw_labels', lambda args, n, device='cpu', generator=None, attrs=None:
