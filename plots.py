@@ -71,34 +71,37 @@ def plot_losses(csv_path, png_path):
 
 
 def plot_score_curves(csv_path, png_path, x='hours', y='fid', xlabel='hours of training on 2 CPU cores',
-                      ylabel='FID (2,048 samples, log scale)'):
-    """FID against hours, one line per run of a CSV with a `run` column (results/fid_curve.csv); runs of one
-    model family (the run name's first word: DCGAN, LSGAN, ...) share a colour and differ by line style and
-    marker. Log y axis: the curves fall over an order of magnitude. Returns {family: [runs]}."""
+                      ylabel='FID (2,048 samples)'):
+    """FID against hours, one line per run of a CSV with a `run` column (results/fid_curve.csv), one panel per
+    model family (the run name's first word, less `-DA`: DCGAN, WACGAN-GP, ...) with its legend beside it: a family's runs
+    differ by colour, and the shared axes compare the families. Log y axis: the curves fall over an order of
+    magnitude. Returns {family: [runs]}."""
     with open(csv_path, newline='') as f:
         rows = list(csv.DictReader(f))
-    runs = list(dict.fromkeys(r['run'] for r in rows))
     families = {}
-    for run in runs:
-        families.setdefault(run.split()[0].split('-')[0], []).append(run)
+    for run in dict.fromkeys(r['run'] for r in rows):
+        families.setdefault(run.split()[0].removesuffix('-DA'), []).append(run)   # DCGAN-DA is a DCGAN
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(11, 5.5))
-    styles, markers = ['-', '--', ':', '-.'], 'osD^v<>ph*'
-    for c, (family, members) in enumerate(families.items()):
+    tall = [max(2.4, 0.2 * len(m)) for m in families.values()]       # a panel as tall as its legend needs
+    fig, axes = plt.subplots(len(families), 1, figsize=(13, sum(tall) + 0.6), sharex=True, sharey=True,
+                             squeeze=False, gridspec_kw={'height_ratios': tall})
+    markers = 'osD^v<>ph*'
+    for ax, (family, members) in zip(axes[:, 0], families.items()):
         for j, run in enumerate(members):
             pts = sorted((float(r[x]), float(r[y])) for r in rows if r['run'] == run)
-            ax.plot(*zip(*pts), color=f'C{c}', ls=styles[j % len(styles)], marker=markers[j % len(markers)], ms=3.5,
-                    lw=1.3, label=run)
-    ax.set_yscale('log')
+            ax.plot(*zip(*pts), color=f'C{j % 10}', ls='-' if j < 10 else '--', marker=markers[j % len(markers)],
+                    ms=3.5, lw=1.3, label=run)
+        ax.set_title(family, loc='left', fontsize=10, fontweight='bold')
+        ax.legend(fontsize=7.5, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)   # beside the data
+        ax.grid(alpha=0.3, which='both')
+        ax.tick_params(axis='both', which='both', labelsize=8, labelbottom=True)
+    ax.set_yscale('log')   # shared: every panel alike
     ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter('%g'))
-    ax.tick_params(axis='y', which='both', labelsize=9)   # 40, 50, ..., 300: every gridline labelled alike
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, which='both')
-    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False)   # beside the axes, not on the data
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}' if str(int(v))[0] in '2345' else ''))
+    fig.supxlabel(xlabel, fontsize=10)
+    fig.supylabel(ylabel + ', log scale', fontsize=10)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return families
 

@@ -157,11 +157,12 @@ def test_plots_and_gif(tmp_path):
     # the smoothed line: a moving average that skips NaNs and keeps a constant constant
     y = np.array([1.0, np.nan, 1.0, 1.0, 5.0, 1.0, 1.0] * 10)
     assert np.allclose(plots.smooth(np.ones(50)), 1) and np.isfinite(plots.smooth(y)).all() and plots.smooth(y).max() < 5
-    # FID curves: one colour per model family (the run name's first word), one line per run
+    # FID curves: a panel per model family (the run name's first word, less -DA), a colour per run within it
     scores = tmp_path / 'fid_curve.csv'
     scores.write_text('run,epoch,hours,fid\nDCGAN a,1,0.5,300\nDCGAN a,2,1.0,200\nDCGAN-DA b,1,0.2,250\n'
-                      'DCGAN-DA b,3,1.5,90\nLSGAN c,1,0.4,280\nLSGAN c,2,0.9,120\n')
-    assert plots.plot_score_curves(str(scores), str(tmp_path / 'f.png')) == {'DCGAN': ['DCGAN a', 'DCGAN-DA b'], 'LSGAN': ['LSGAN c']}
+                      'DCGAN-DA b,3,1.5,90\nLSGAN c,1,0.4,280\nLSGAN c,2,0.9,120\nWACGAN-GP d,1,2.0,150\n')
+    assert plots.plot_score_curves(str(scores), str(tmp_path / 'f.png')) == {
+        'DCGAN': ['DCGAN a', 'DCGAN-DA b'], 'LSGAN': ['LSGAN c'], 'WACGAN-GP': ['WACGAN-GP d']}
     pixels = {tuple(p) for p in np.asarray(Image.open(tmp_path / 'f.png').convert('RGB')).reshape(-1, 3)}
     assert {(0x1f, 0x77, 0xb4), (0xff, 0x7f, 0x0e)} <= pixels and (0x2c, 0xa0, 0x2c) not in pixels   # C0, C1; no C2
     for i in range(3):
