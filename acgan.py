@@ -249,13 +249,20 @@ def control_accuracy(G, D, model_args, n, device, seed):
     return {a: round(h.item() / n, 4) for a, h in zip(model_args['vocab'], hits)}
 
 
+def write_control(run, G, D, model_args, n, seed):
+    """control.json in the run folder, and a log line: D's heads on n generated faces."""
+    control = control_accuracy(G, D, model_args, n, run.device, seed)
+    run.write_json('control.json', {'step': run.global_step, 'n': n, 'd_heads_on_generated': control})
+    run.log('control (D\'s heads read the asked-for class on generated faces): '
+            + ', '.join(f'{a} {v:.1%}' for a, v in control.items()))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 
-def train(args):
-    run = training.Run(args, 'acgan')
-    images = run.load_images()
-    labels, label_args = run.load_labels()
+def build(args, run, label_args):
+    """G and D with the DCGAN paper's initial weights, G_ema (None without --ema-kimg), and their Adam
+    optimisers. model_args rebuild G from a checkpoint alone."""
     model_args = dict(z_dim=args.z_dim, ngf=args.ngf, upsample=args.upsample, **label_args,
                       **({'cond_bn': True} if args.cond_bn else {}))   # only when set: older runs resume as saved
     G = run.prepare(Generator(**model_args))
@@ -267,6 +274,14 @@ def train(args):
     G_ema = recipes.ema_copy(G, run.prepare(Generator(**model_args))) if args.ema_kimg else None
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), foreach=True)
+    return model_args, G, D, G_ema, opt_g, opt_d
+
+
+def train(args):
+    run = training.Run(args, 'acgan')
+    images = run.load_images()
+    labels, label_args = run.load_labels()
+    model_args, G, D, G_ema, opt_g, opt_d = build(args, run, label_args)
     run.setup(G, D, opt_g, opt_d, model_args, sample_inputs, images, labels, G_ema=G_ema)
     ema_beta = recipes.ema_beta(args.batch_size, args.ema_kimg)
     g_cls_weight = args.cls_weight if args.g_cls_weight is None else args.g_cls_weight
@@ -318,10 +333,7 @@ def train(args):
                   acc_real=accuracy(real_cls, y_real), acc_fake=accuracy(gen_cls, y_fake))
     run.finish()
     if run.main and args.control_n and args.cls_weight > 0:   # at --cls-weight 0 the heads never learned
-        control = control_accuracy(G_ema if G_ema is not None else G, D, model_args, args.control_n, run.device, args.seed + 3)
-        run.write_json('control.json', {'step': run.global_step, 'n': args.control_n, 'd_heads_on_generated': control})
-        run.log('control (D\'s heads read the asked-for class on generated faces): '
-                + ', '.join(f'{a} {v:.1%}' for a, v in control.items()))
+        write_control(run, G_ema if G_ema is not None else G, D, model_args, args.control_n, args.seed + 3)
 
 
 def main(argv=None):
