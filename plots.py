@@ -71,7 +71,7 @@ def plot_losses(csv_path, png_path):
 
 
 def plot_score_curves(csv_path, png_path, x='hours', y='fid', xlabel='hours of training on 2 CPU cores',
-                      ylabel='FID (2,048 samples)'):
+                      ylabel='FID (2,048 samples, log scale)'):
     """FID against hours, one line per run of a CSV with a `run` column (results/fid_curve.csv), one panel per
     model family (the run name's first word, less `-DA`: DCGAN, WACGAN-GP, ...) with its legend beside it: a family's runs
     differ by colour, and the shared axes compare the families. Log y axis: the curves fall over an order of
@@ -97,9 +97,11 @@ def plot_score_curves(csv_path, png_path, x='hours', y='fid', xlabel='hours of t
         ax.tick_params(axis='both', which='both', labelsize=8, labelbottom=True)
     ax.set_yscale('log')   # shared: every panel alike
     ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}' if str(int(v))[0] in '2345' else ''))
+    leading = lambda v: int(f'{v:e}'[0])   # 3 of 30 or 300
+    # the minor ticks 20-50 and 200-500 labelled; 60-90 too would crowd a short panel
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}' if leading(v) <= 5 else ''))
     fig.supxlabel(xlabel, fontsize=10)
-    fig.supylabel(ylabel + ', log scale', fontsize=10)
+    fig.supylabel(ylabel, fontsize=10)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
