@@ -25,6 +25,9 @@ Flags as in dcgan.py, each measured in results/notes/conditional.md:
     --cond-bn                 labels into G through its BatchNorms' scale and shift (de Vries et al. 2017), not as
                               one-hot inputs, which give G a label-made 4 x 4 pattern z cannot move (measured
                               so far: no gain beside the class loss to epoch 16; results/notes/conditional.md)
+    --init-g results/dcgan_G.pt   with --cond-bn, G starts as the shipped DCGAN for every label (its BatchNorm
+                              scales and shifts copied to every class) and D from scratch: the labels are
+                              learnt on top of good faces instead of with them (results/notes/conditional.md)
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
@@ -76,6 +79,7 @@ def get_args(argv=None):
                    'the face fits its labels; add --cls-weight 0 to drop the classifier loss (default: off, as the paper)')
     p.add_argument('--cond-bn', action='store_true', help='labels into G as the scale and shift of its BatchNorms '
                    '(conditional BatchNorm), not as one-hot inputs beside z (default: off, as the paper)')
+    recipes.add_init_g_args(p)
     recipes.add_ema_diffaug_args(p, ema_kimg=0.0)
     common.add_recipe_arg(p, BEST, 'results/acgan_G.pt, FID 66.5 on 10,000 samples, the epoch-56 snapshot of a run '
                           'halved at epochs 28 and 44')
@@ -270,9 +274,13 @@ def build(args, run, label_args):
                     compilable=not args.r1)   # R1: double backward
     G.apply(init_weights)
     D.apply(init_weights)
+    if args.init_g:   # (a resumed run then loads its own weights over these)
+        recipes.init_from_unconditional(G, args.init_g, model_args, CondBatchNorm2d)
     # a second copy of G whose weights trail G's: it samples, G trains
     G_ema = recipes.ema_copy(G, run.prepare(Generator(**model_args))) if args.ema_kimg else None
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), foreach=True)
+    g_params = (recipes.finetune_param_groups(G, CondBatchNorm2d, args.lr_g, args.init_g_lr) if args.init_g
+                else G.parameters())
+    opt_g = torch.optim.Adam(g_params, lr=args.lr_g, betas=(args.beta1, args.beta2), foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), foreach=True)
     return model_args, G, D, G_ema, opt_g, opt_d
 

@@ -1,11 +1,14 @@
-"""The recipe helpers several model scripts share: DiffAugment, and the EMA generator with its own BatchNorm
-statistics. Each is one call in a script's loop: `x = recipes.diff_augment(x, args.diffaug)` on every image
-D sees, `recipes.accumulate(G_ema, G, beta)` after every G step."""
+"""The recipe helpers several model scripts share: DiffAugment, the EMA generator with its own BatchNorm
+statistics, and a conditional G started from an unconditional one. Each is one call in a script:
+`x = recipes.diff_augment(x, args.diffaug)` on every image D sees, `recipes.accumulate(G_ema, G, beta)` after
+every G step, `recipes.init_from_unconditional(G, ...)` once, before training."""
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 
+from common import HERE, fail, load_checkpoint
 from sampling import sample_rng
 
 
@@ -99,6 +102,61 @@ def ema_copy(model, copy):
     accumulate(copy, model, 0.0)
     return copy.eval().requires_grad_(False)
 
+
+# ----------------------------------------------------------------------------------------------------
+# A conditional G started from an unconditional one (--init-g): the conditional scripts' G with
+# --cond-bn is dcgan.py's G layer for layer, with the labels only in its BatchNorms' scales and shifts
+
+def cond_bn_from_unconditional(G, sd, cond_bn_type):
+    """The weights of G (with cond_bn_type norms) that draw what a dcgan.py G with weights sd draws, whatever
+    the labels: the convolutions as they are, each BatchNorm's running statistics in its conditional norm, and
+    its scale and shift given to every class of the first attribute (the other attributes' tables, summed
+    into the same scale and shift, start at 0)."""
+    sd, out = dict(sd), {}
+    for name, m in G.named_modules():
+        if isinstance(m, cond_bn_type):
+            for k in ('running_mean', 'running_var', 'num_batches_tracked'):
+                out[f'{name}.bn.{k}'] = sd.pop(f'{name}.{k}')
+            scale, shift = sd.pop(f'{name}.weight'), sd.pop(f'{name}.bias')
+            for i, (gain, bias) in enumerate(zip(m.gain, m.bias)):   # gain: the scale minus 1
+                out[f'{name}.gain.{i}.weight'] = ((scale - 1) * (i == 0)).expand_as(gain.weight).clone()
+                out[f'{name}.bias.{i}.weight'] = (shift * (i == 0)).expand_as(bias.weight).clone()
+    return {**out, **sd}
+
+
+def init_from_unconditional(G, path, model_args, cond_bn_type):
+    """--init-g PATH: G's weights from a dcgan.py generator file of the same shape (fp16 files come back fp32)."""
+    if not model_args.get('cond_bn'):
+        fail(f'--init-g {path} needs --cond-bn: only then is G dcgan.py\'s G with the labels in its BatchNorms')
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(HERE, path)):
+        path = os.path.join(HERE, path)   # results/dcgan_G.pt of --recipe best, from any folder
+    ckpt = load_checkpoint(path)
+    theirs = {k: ckpt['model_args'].get(k) or False for k in ('z_dim', 'ngf', 'upsample')}
+    ours = {k: model_args.get(k) or False for k in theirs}
+    if ckpt['script'] != 'dcgan' or theirs != ours:
+        fail(f'--init-g {path}: a {ckpt["script"]}.py generator with {theirs}, not a dcgan.py one with {ours}; '
+             'pass one trained with the same --z-dim, --ngf and --upsample')
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt['models'][ckpt['sample_model']].items()}
+    G.load_state_dict(cond_bn_from_unconditional(G, sd, cond_bn_type))
+
+
+def finetune_param_groups(G, cond_bn_type, lr, copied_lr_scale):
+    """G's parameters for its optimiser after --init-g: the labels' tables (new) at lr, the layers copied from
+    the DCGAN at lr * copied_lr_scale, so that the labels are learnt fast while the faces move slowly."""
+    new = [p for m in G.modules() if isinstance(m, cond_bn_type) for p in m.parameters()]
+    copied = [p for p in G.parameters() if all(p is not q for q in new)]
+    return [{'params': new, 'lr': lr}, {'params': copied, 'lr': lr * copied_lr_scale}]
+
+
+def add_init_g_args(parser):
+    """--init-g and --init-g-lr, for the conditional scripts with --cond-bn."""
+    parser.add_argument('--init-g', metavar='PATH', default=None, help='start G and its EMA from a dcgan.py generator '
+                        'file (results/dcgan_G.pt) of the same --z-dim, --ngf and --upsample; needs --cond-bn: every '
+                        'class starts with the DCGAN\'s BatchNorm scales and shifts, so G draws that generator\'s faces '
+                        'whatever the labels, and training teaches it the labels (default: none, G from scratch)')
+    parser.add_argument('--init-g-lr', type=float, default=1.0, metavar='SCALE', help='with --init-g: the learning '
+                        'rate of the layers copied from the DCGAN, as a fraction of --lr-g; the labels\' tables, new, '
+                        'learn at --lr-g (default: %(default)s)')
 
 
 def diffaug_ops(text):

@@ -17,6 +17,9 @@ and Adam 1e-4, betas (0.5, 0.9) as in the paper. Flags as in acgan.py, each meas
     --cond-bn                 labels into G through its BatchNorms' scale and shift (de Vries et al. 2017), not as
                               one-hot inputs, which give G a label-made 4 x 4 pattern z cannot move (measured
                               so far: ahead at epochs 8 and 10, not yet past the critic's swings)
+    --init-g results/dcgan_G.pt   with --cond-bn, G starts as the shipped DCGAN for every label (its BatchNorm
+                              scales and shifts copied to every class) and the critic from scratch: the labels are
+                              learnt on top of good faces instead of with them (results/notes/conditional.md)
 
     python wacgan_gp.py --data faces/ --labels labels.csv --epochs 50
     python wacgan_gp.py --data faces/ --labels labels.csv --recipe best   # the flags of the shipped WACGAN-GP
@@ -64,6 +67,7 @@ def get_args(argv=None):
                    'loss (default: off, as the paper)')
     p.add_argument('--cond-bn', action='store_true', help='labels into G as the scale and shift of its BatchNorms '
                    '(conditional BatchNorm), not as one-hot inputs beside z (default: off, as the paper)')
+    recipes.add_init_g_args(p)
     recipes.add_ema_diffaug_args(p, ema_kimg=0.0)
     common.add_recipe_arg(p, BEST, 'results/wacgan_gp_G.pt, FID 73.3 on 10,000 samples, the epoch-58 snapshot of a '
                           'run halved at epochs 8, 28 and 50')
@@ -266,9 +270,13 @@ def train(args):
     D = run.prepare(Critic(args.ndf, G.n_classes, projection=args.projection), compilable=False)   # GP: double backward
     G.apply(init_weights)
     D.apply(init_weights)
+    if args.init_g:   # (a resumed run then loads its own weights over these)
+        recipes.init_from_unconditional(G, args.init_g, model_args, CondBatchNorm2d)
     # a second copy of G whose weights trail G's: it samples, G trains
     G_ema = recipes.ema_copy(G, run.prepare(Generator(**model_args))) if args.ema_kimg else None
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), foreach=True)
+    g_params = (recipes.finetune_param_groups(G, CondBatchNorm2d, args.lr_g, args.init_g_lr) if args.init_g
+                else G.parameters())
+    opt_g = torch.optim.Adam(g_params, lr=args.lr_g, betas=(args.beta1, args.beta2), foreach=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), foreach=True)
     run.setup(G, D, opt_g, opt_d, model_args, sample_inputs, images, labels, G_ema=G_ema)
     ema_beta = recipes.ema_beta(args.batch_size, args.ema_kimg)   # per G step: the half-life counts G's images

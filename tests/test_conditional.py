@@ -507,3 +507,37 @@ def test_acgan_one_class_cond_bn_trains_as_dcgan(faces, tmp_path, monkeypatch):
     assert len(dc) == len(ac) == 4
     for k in ('loss_d', 'loss_g', 'd_real', 'd_fake'):
         np.testing.assert_allclose(ac[k], dc[k], atol=1e-4, err_msg=k)
+
+
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_init_g_starts_from_a_dcgan_file(module, faces, tmp_path):
+    """--init-g FILE: a --cond-bn G that draws, for every label, the faces of a dcgan.py generator file (as
+    results/dcgan_G.pt, fp16), so a conditional run begins where an unconditional one ended; a run with G's
+    learning rate at 0 ends with that G. A file of another shape, or no --cond-bn, is a one-line error."""
+    import dcgan
+    import recipes
+    dcgan.main(['--data', faces, '--out', str(tmp_path / 'dc'), *TINY, '--upsample', '--epochs', '1'])
+    dcgan.main(['--export', str(tmp_path / 'dc.pt'), '--ckpt', str(tmp_path / 'dc' / 'ckpt.pt')])
+    ref, _ = sampling.load_generator(str(tmp_path / 'dc.pt'))
+    model_args = dict(z_dim=100, ngf=8, upsample=True, vocab={'hair': ['a', 'b', 'c'], 'eyes': ['x', 'y']}, cond_bn=True)
+    G = module.Generator(**model_args)
+    G.apply(module.init_weights)
+    recipes.init_from_unconditional(G, str(tmp_path / 'dc.pt'), model_args, module.CondBatchNorm2d)
+    z = torch.randn(6, 100)
+    with torch.no_grad():
+        for y in [(0, 0), (1, 1), (2, 0)]:   # train mode moves both's running statistics alike
+            assert torch.allclose(G.eval()(z, torch.tensor([y] * 6)), ref.eval()(z), atol=1e-5)
+            assert torch.allclose(G.train()(z, torch.tensor([y] * 6)), ref.train()(z), atol=1e-5)
+
+    flags = ['--cond-bn', '--upsample', '--init-g', str(tmp_path / 'dc.pt'), '--epochs', '1']
+    flags += ['--n-critic', '1'] * (module is wacgan_gp)                      # G steps in an epoch of 2 batches
+    ckpt = train(module, faces, LABELS, tmp_path / 'run', *flags, '--init-g-lr', '0', '--lr-g', '1e-2')
+    start = module.Generator(**ckpt['model_args'])
+    recipes.init_from_unconditional(start, str(tmp_path / 'dc.pt'), ckpt['model_args'], module.CondBatchNorm2d)
+    for name, p in start.named_parameters():   # --init-g-lr 0: the copied layers stay, the labels' tables learn
+        table = '.gain.' in name or '.bias.' in name                  # net.1.gain.0.weight, not net.16.bias
+        assert torch.equal(ckpt['models']['G'][name], p) != table, name
+    with pytest.raises(UserError, match='needs --cond-bn'):
+        train(module, faces, LABELS, tmp_path / 'no-cbn', *flags[1:])
+    with pytest.raises(UserError, match='same --z-dim, --ngf'):
+        train(module, faces, LABELS, tmp_path / 'wide', *flags, '--ngf', '16')
