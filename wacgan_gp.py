@@ -18,8 +18,8 @@ and Adam 1e-4, betas (0.5, 0.9) as in the paper. Flags as in acgan.py, each meas
                               one-hot inputs, which give G a label-made 4 x 4 pattern z cannot move (measured
                               so far: ahead at epochs 8 and 10, not yet past the critic's swings)
     --init-g results/dcgan_G.pt   with --cond-bn, G starts as the shipped DCGAN for every label (its BatchNorm
-                              scales and shifts copied to every class) and the critic from scratch: the labels are
-                              learnt on top of good faces instead of with them (results/notes/conditional.md)
+                              scales and shifts copied to every class), the critic from scratch (not yet measured
+                              here; in acgan.py it cost FID: results/notes/conditional.md)
 
     python wacgan_gp.py --data faces/ --labels labels.csv --epochs 50
     python wacgan_gp.py --data faces/ --labels labels.csv --recipe best   # the flags of the shipped WACGAN-GP
