@@ -162,7 +162,9 @@ def test_acgan_real_cls_only(toy_run, faces, tmp_path, monkeypatch):
         ckpt = train(acgan, faces, LABELS, tmp_path / f'f{len(flags)}', '--epochs', '1', *flags)
         assert len(calls) == ckpt['step'] * (2 if flags else 3), (flags, len(calls), ckpt['step'])
     monkeypatch.undo()
-    assert_follows_colour(acgan, toy_run(acgan, '--real-cls-only')[2], tmp_path)
+    # 100 epochs, not the toy's 60: without the heads' pull on fakes the colour comes later, and at 60 it is
+    # short of the bar on some CPUs (seed 0, fp32: red minus blue 73 on a Zen 5, 202 at 100 epochs)
+    assert_follows_colour(acgan, toy_run(acgan, '--real-cls-only', '--epochs', '100')[2], tmp_path)
 
 
 def test_acgan_g_cls_weight(toy_run, tmp_path):
