@@ -514,8 +514,9 @@ def test_acgan_one_class_cond_bn_trains_as_dcgan(faces, tmp_path, monkeypatch):
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_init_g_starts_from_a_dcgan_file(module, faces, tmp_path):
     """--init-g FILE: a --cond-bn G that draws, for every label, the faces of a dcgan.py generator file (as
-    results/dcgan_G.pt, fp16), so a conditional run begins where an unconditional one ended; a run with G's
-    learning rate at 0 ends with that G. A file of another shape, or no --cond-bn, is a one-line error."""
+    results/dcgan_G.pt, fp16), so a conditional run begins where an unconditional one ended; with --init-g-lr 0
+    a run ends with the copied layers unchanged and the labels' tables trained. A file of another shape, or no
+    --cond-bn, is a one-line error."""
     import dcgan
     import recipes
     dcgan.main(['--data', faces, '--out', str(tmp_path / 'dc'), *TINY, '--upsample', '--epochs', '1'])
