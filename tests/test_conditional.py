@@ -14,6 +14,7 @@ import common
 import dataset
 import sampling
 import label
+import recipes
 import wacgan_gp
 from common import UserError
 from conftest import ROOT, TINY
@@ -177,23 +178,6 @@ def test_acgan_g_cls_weight(toy_run, tmp_path):
     assert common.load_checkpoint(run / 'ckpt.pt')['args']['g_cls_weight'] == 0
 
 
-def cond_bn_state(ref):
-    """dcgan.py's G's state dict for a one-class --cond-bn G: each BatchNorm's scale and shift become its class's
-    embeddings (the scale as 1 + embedding), its running statistics those of the inner BatchNorm."""
-    state = {}
-    for k, v in ref.state_dict().items():
-        i, name = k.split('.')[1:]
-        if not isinstance(ref.net[int(i)], nn.BatchNorm2d):
-            state[k] = v
-        elif name == 'weight':
-            state[f'net.{i}.gain.0.weight'] = v[None] - 1
-        elif name == 'bias':
-            state[f'net.{i}.bias.0.weight'] = v[None]
-        else:
-            state[f'net.{i}.bn.{name}'] = v
-    return state
-
-
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_cond_bn_one_class_is_dcgan(module):
     """--cond-bn with a single class is dcgan.py's G (each BatchNorm's scale and shift its one class's embedding):
@@ -206,7 +190,7 @@ def test_cond_bn_one_class_is_dcgan(module):
     G = module.Generator(z_dim=16, ngf=8, vocab={'face': ['any']}, upsample=True, cond_bn=True)
     G.apply(module.init_weights)
     assert G.net[0].weight.shape == ref.net[0].weight.shape                  # z alone into the first layer
-    G.load_state_dict(cond_bn_state(ref))
+    G.load_state_dict(recipes.cond_bn_from_unconditional(G, ref.state_dict(), module.CondBatchNorm2d))
     z, y = torch.randn(6, 16), torch.zeros(6, 1, dtype=torch.long)
     assert torch.allclose(G(z, y), ref(z), atol=1e-5)
     ref(z), G(z, y)                                                           # move the running statistics
@@ -488,7 +472,8 @@ def test_acgan_one_class_cond_bn_trains_as_dcgan(faces, tmp_path, monkeypatch):
         m.apply(dcgan.init_weights)
 
     def same_weights(G, D):   # dcgan's weights into either script's models
-        G.load_state_dict(cond_bn_state(ref['G']) if getattr(G, 'cond_bn', False) else ref['G'].state_dict())
+        sd = ref['G'].state_dict()
+        G.load_state_dict(recipes.cond_bn_from_unconditional(G, sd, acgan.CondBatchNorm2d) if getattr(G, 'cond_bn', False) else sd)
         with torch.no_grad():
             for p, q in zip(D.parameters(), ref['D'].parameters()):   # acgan's D: the same convs, then its heads
                 p.copy_(q)
