@@ -28,7 +28,8 @@ Flags as in dcgan.py, each measured in results/notes/conditional.md:
     --init-g results/dcgan_G.pt   with --cond-bn, G starts as the shipped DCGAN for every label (its BatchNorm
                               scales and shifts copied to every class), D from scratch (measured: the labels are
                               learnt in 5 epochs, but FID goes 42 -> 53 -> 70-75 as they are, with or without an
-                              epoch of D alone first; results/notes/conditional.md)
+                              epoch of D alone first, and 42 -> 51 by epoch 4 with the copied layers frozen,
+                              --init-g-lr 0; results/notes/conditional.md)
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50

@@ -503,7 +503,6 @@ def test_init_g_starts_from_a_dcgan_file(module, faces, tmp_path):
     a run ends with the copied layers unchanged and the labels' tables trained. A file of another shape, or no
     --cond-bn, is a one-line error."""
     import dcgan
-    import recipes
     dcgan.main(['--data', faces, '--out', str(tmp_path / 'dc'), *TINY, '--upsample', '--epochs', '1'])
     dcgan.main(['--export', str(tmp_path / 'dc.pt'), '--ckpt', str(tmp_path / 'dc' / 'ckpt.pt')])
     ref, _ = sampling.load_generator(str(tmp_path / 'dc.pt'))
