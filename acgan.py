@@ -30,6 +30,8 @@ Flags as in dcgan.py, each measured in results/notes/conditional.md:
                               learnt in 5 epochs, but FID goes 42 -> 53 -> 70-75 as they are, with or without an
                               epoch of D alone first, and 42 -> 51 by epoch 4 with the copied layers frozen,
                               --init-g-lr 0; results/notes/conditional.md)
+    --init-g RUN/ckpt.pt      the same from a dcgan.py run's checkpoint, with its D: the D starts as that
+                              D (new class heads, projection at 0), as old as G (not yet measured)
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
@@ -249,7 +251,7 @@ def control_accuracy(G, D, model_args, n, device, seed):
     D.eval()
     hits = torch.zeros(len(model_args['vocab']))
     for x, (_, y) in sampling.sample_batches(G, sample_inputs, model_args, n, device, seed, with_inputs=True):
-        _, logits = D(x.to(device))
+        _, logits = D(x.to(device), y.to(device))   # y: a projection D's logit needs it (the heads do not)
         hits += torch.stack([(lg.argmax(1).cpu() == y[:, i]).sum() for i, lg in enumerate(logits)]).float()
     D.train()
     return {a: round(h.item() / n, 4) for a, h in zip(model_args['vocab'], hits)}
@@ -276,10 +278,10 @@ def build(args, run, label_args):
                     compilable=not args.r1)   # R1: double backward
     G.apply(init_weights)
     D.apply(init_weights)
-    if args.init_g:   # (a resumed run then loads its own weights over these)
-        recipes.init_from_unconditional(G, args.init_g, model_args, CondBatchNorm2d)
     # a second copy of G whose weights trail G's: it samples, G trains
     G_ema = recipes.ema_copy(G, run.prepare(Generator(**model_args))) if args.ema_kimg else None
+    if args.init_g:   # (a resumed run then loads its own weights over these)
+        run.log(recipes.init_from_unconditional(G, args.init_g, model_args, CondBatchNorm2d, G_ema, D))
     g_params = (recipes.finetune_param_groups(G, CondBatchNorm2d, args.lr_g, args.init_g_lr) if args.init_g
                 else G.parameters())
     opt_g = torch.optim.Adam(g_params, lr=args.lr_g, betas=(args.beta1, args.beta2), foreach=True)

@@ -124,8 +124,9 @@ def cond_bn_from_unconditional(G, sd, cond_bn_type):
     return {**out, **sd}
 
 
-def init_from_unconditional(G, path, model_args, cond_bn_type):
-    """--init-g PATH: G's weights from a dcgan.py generator file of the same shape (fp16 files come back fp32)."""
+def load_unconditional(path, model_args):
+    """The dcgan.py weights --init-g PATH names, as fp32 state dicts: a generator file (results/dcgan_G.pt) gives
+    G (and its EMA) from its sampling weights; a run's ckpt.pt gives its G, its EMA and its D."""
     if not model_args.get('cond_bn'):
         fail(f'--init-g {path} needs --cond-bn: only then is G dcgan.py\'s G with the labels in its BatchNorms')
     if not os.path.isfile(path) and os.path.isfile(os.path.join(HERE, path)):
@@ -136,8 +137,35 @@ def init_from_unconditional(G, path, model_args, cond_bn_type):
     if ckpt['script'] != 'dcgan' or theirs != ours:
         fail(f'--init-g {path}: a {ckpt["script"]}.py generator with {theirs}, not a dcgan.py one with {ours}; '
              'pass one trained with the same --z-dim, --ngf and --upsample')
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt['models'][ckpt['sample_model']].items()}
-    G.load_state_dict(cond_bn_from_unconditional(G, sd, cond_bn_type))
+    models = {k: {n: v.float() if v.is_floating_point() else v for n, v in sd.items()} for k, sd in ckpt['models'].items()}
+    sample = models[ckpt['sample_model']]
+    return {'G': models.get('G', sample), 'G_ema': sample, 'D': models.get('D'), 'epoch': ckpt['epoch']}
+
+
+def d_from_unconditional(D, sd, path):
+    """D's weights with the layers it shares with a dcgan.py D (the convolutions in order, the real/fake one last)
+    taken from sd: the class heads keep theirs and the projection's class embeddings start at 0, so that
+    D(x, y) scores every face as the DCGAN's D did, whatever y."""
+    own = D.state_dict()
+    shared = [k for k in own if not k.startswith(('cls.', 'embed.'))]
+    if [own[k].shape for k in shared] != [v.shape for v in sd.values()]:
+        fail(f'--init-g {path}: its D does not fit this one; pass the --ndf and --r1 that run was trained with')
+    own.update(zip(shared, sd.values()))
+    own.update({k: torch.zeros_like(v) for k, v in own.items() if k.startswith('embed.')})
+    return own
+
+
+def init_from_unconditional(G, path, model_args, cond_bn_type, G_ema=None, D=None):
+    """--init-g PATH: G and G_ema from a dcgan.py generator file or run checkpoint of the same shape; from a run's
+    ckpt.pt also D, so that D starts as old as G. Returns a line for the log saying what was loaded."""
+    w = load_unconditional(path, model_args)
+    G.load_state_dict(cond_bn_from_unconditional(G, w['G'], cond_bn_type))
+    if G_ema is not None:
+        G_ema.load_state_dict(cond_bn_from_unconditional(G_ema, w['G_ema'], cond_bn_type))
+    if D is not None and w['D'] is not None:
+        D.load_state_dict(d_from_unconditional(D, w['D'], path))
+    what = ['G'] + ['G_ema'] * (G_ema is not None) + ['D'] * (D is not None and w['D'] is not None)
+    return f'--init-g: {", ".join(what[:-1])} and {what[-1]} from {path}' if len(what) > 1 else f'--init-g: G from {path}'
 
 
 def finetune_param_groups(G, cond_bn_type, lr, copied_lr_scale):
@@ -151,7 +179,8 @@ def finetune_param_groups(G, cond_bn_type, lr, copied_lr_scale):
 def add_init_g_args(parser):
     """--init-g and --init-g-lr, for the conditional scripts with --cond-bn."""
     parser.add_argument('--init-g', metavar='PATH', default=None, help='start G and its EMA from a dcgan.py generator '
-                        'file (results/dcgan_G.pt) of the same --z-dim, --ngf and --upsample; needs --cond-bn: every '
+                        'file (results/dcgan_G.pt) or run checkpoint (RUN/ckpt.pt: D too, its heads new and its '
+                        'projection at 0) of the same --z-dim, --ngf and --upsample; needs --cond-bn: every '
                         'class starts with the DCGAN\'s BatchNorm scales and shifts, so G draws that generator\'s faces '
                         'whatever the labels, and training teaches it the labels (default: none, G from scratch)')
     parser.add_argument('--init-g-lr', type=float, default=1.0, metavar='SCALE', help='with --init-g: the learning '

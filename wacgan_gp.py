@@ -21,6 +21,8 @@ and Adam 1e-4, betas (0.5, 0.9) as in the paper. Flags as in acgan.py, each meas
                               scales and shifts copied to every class), the critic from scratch (measured: even with
                               the copied layers frozen, --init-g-lr 0, and the class loss at 1, FID goes 42 -> 53.5
                               by epoch 6 with eyes at 40%: results/notes/conditional.md)
+    --init-g RUN/ckpt.pt      the same from a dcgan.py run's checkpoint, with its D: the critic starts as that
+                              D (new class heads, projection at 0), as old as G (not yet measured)
 
     python wacgan_gp.py --data faces/ --labels labels.csv --epochs 50
     python wacgan_gp.py --data faces/ --labels labels.csv --recipe best   # the flags of the shipped WACGAN-GP
@@ -253,7 +255,7 @@ def control_accuracy(G, D, model_args, n, device, seed):
     """Per attribute, how often the critic's classifier head reads a generated face as the class asked for."""
     hits = torch.zeros(len(model_args['vocab']))
     for x, (_, y) in sampling.sample_batches(G, sample_inputs, model_args, n, device, seed, with_inputs=True):
-        _, logits = D(x.to(device))
+        _, logits = D(x.to(device), y.to(device))   # y: a projection D's logit needs it (the heads do not)
         hits += torch.stack([(lg.argmax(1).cpu() == y[:, i]).sum() for i, lg in enumerate(logits)]).float()
     return {a: round(h.item() / n, 4) for a, h in zip(model_args['vocab'], hits)}
 
@@ -271,10 +273,10 @@ def train(args):
     D = run.prepare(Critic(args.ndf, G.n_classes, projection=args.projection), compilable=False)   # GP: double backward
     G.apply(init_weights)
     D.apply(init_weights)
-    if args.init_g:   # (a resumed run then loads its own weights over these)
-        recipes.init_from_unconditional(G, args.init_g, model_args, CondBatchNorm2d)
     # a second copy of G whose weights trail G's: it samples, G trains
     G_ema = recipes.ema_copy(G, run.prepare(Generator(**model_args))) if args.ema_kimg else None
+    if args.init_g:   # (a resumed run then loads its own weights over these)
+        run.log(recipes.init_from_unconditional(G, args.init_g, model_args, CondBatchNorm2d, G_ema, D))
     g_params = (recipes.finetune_param_groups(G, CondBatchNorm2d, args.lr_g, args.init_g_lr) if args.init_g
                 else G.parameters())
     opt_g = torch.optim.Adam(g_params, lr=args.lr_g, betas=(args.beta1, args.beta2), foreach=True)

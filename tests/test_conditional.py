@@ -528,3 +528,43 @@ def test_init_g_starts_from_a_dcgan_file(module, faces, tmp_path):
         train(module, faces, LABELS, tmp_path / 'no-cbn', *flags[1:])
     with pytest.raises(UserError, match='same --z-dim, --ngf'):
         train(module, faces, LABELS, tmp_path / 'wide', *flags, '--ngf', '16')
+
+
+@pytest.mark.parametrize('module', SCRIPTS, ids=ids)
+def test_init_g_from_a_dcgan_run_starts_d_too(module, faces, tmp_path):
+    """--init-g RUN/ckpt.pt: G, G_ema and D from a dcgan.py run, so that D starts as old as G: D(x, y) scores
+    every face as the DCGAN's D did, whatever y (the projection starts at 0), G and G_ema draw the run's G's and
+    G_ema's faces. A D of another width is a one-line error."""
+    import dcgan
+    dcgan.main(['--data', faces, '--out', str(tmp_path / 'dc'), *TINY, '--upsample', '--r1', '0.1', '--epochs', '2',
+                '--ema-kimg', '0.01'])   # an EMA of a 10-image half-life: G_ema differs from G
+    run = common.load_checkpoint(str(tmp_path / 'dc' / 'ckpt.pt'))
+    ref = {k: (dcgan.Generator(z_dim=100, ngf=8, upsample=True) if k != 'D' else dcgan.Discriminator(8, bn=False))
+           for k in ('G', 'G_ema', 'D')}
+    for k, m in ref.items():
+        m.load_state_dict(run['models'][k])
+        m.eval()
+    model_args = dict(z_dim=100, ngf=8, upsample=True, vocab={'hair': ['a', 'b', 'c'], 'eyes': ['x', 'y']}, cond_bn=True)
+    G, G_ema = module.Generator(**model_args), module.Generator(**model_args)
+    D = (acgan.Discriminator(8, [3, 2], bn=False, projection=True) if module is acgan
+         else wacgan_gp.Critic(8, [3, 2], projection=True))
+    for m in (G, G_ema, D):
+        m.apply(module.init_weights)
+    line = recipes.init_from_unconditional(G, str(tmp_path / 'dc' / 'ckpt.pt'), model_args, module.CondBatchNorm2d, G_ema, D)
+    assert 'G, G_ema and D' in line
+    z, x = torch.randn(6, 100), torch.rand(6, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert not torch.allclose(ref['G'](z), ref['G_ema'](z), atol=1e-3)   # two different generators, each kept
+        for y in [(0, 0), (1, 1), (2, 0)]:
+            y = torch.tensor([y] * 6)
+            assert torch.allclose(G.eval()(z, y), ref['G'](z), atol=1e-5)
+            assert torch.allclose(G_ema.eval()(z, y), ref['G_ema'](z), atol=1e-5)
+            assert torch.allclose(D(x, y)[0], ref['D'](x), atol=1e-5)
+
+    flags = ['--cond-bn', '--upsample', '--projection', '--init-g', str(tmp_path / 'dc' / 'ckpt.pt'), '--epochs', '1',
+             '--ema-kimg', '1']
+    flags += ['--r1', '0.1'] if module is acgan else ['--n-critic', '1']
+    train(module, faces, LABELS, tmp_path / 'run', *flags)
+    assert 'G, G_ema and D from' in (tmp_path / 'run' / 'log.txt').read_text()
+    with pytest.raises(UserError, match='the --ndf and --r1'):
+        train(module, faces, LABELS, tmp_path / 'wide', *flags, '--ndf', '16')
