@@ -165,7 +165,8 @@ def init_from_unconditional(G, path, model_args, cond_bn_type, G_ema=None, D=Non
     if D is not None and w['D'] is not None:
         D.load_state_dict(d_from_unconditional(D, w['D'], path))
     what = ['G'] + ['G_ema'] * (G_ema is not None) + ['D'] * (D is not None and w['D'] is not None)
-    return f'--init-g: {", ".join(what[:-1])} and {what[-1]} from {path}' if len(what) > 1 else f'--init-g: G from {path}'
+    what = f'{", ".join(what[:-1])} and {what[-1]}' if len(what) > 1 else 'G'
+    return f'--init-g: {what} from {path} (dcgan.py, epoch {w["epoch"]:.2f})'
 
 
 def finetune_param_groups(G, cond_bn_type, lr, copied_lr_scale):
