@@ -162,10 +162,11 @@ def init_from_unconditional(G, path, model_args, cond_bn_type, G_ema=None, D=Non
     G.load_state_dict(cond_bn_from_unconditional(G, w['G'], cond_bn_type))
     if G_ema is not None:
         G_ema.load_state_dict(cond_bn_from_unconditional(G_ema, w['G_ema'], cond_bn_type))
+    loaded = ['G'] + ['G_ema'] * (G_ema is not None)
     if D is not None and w['D'] is not None:
         D.load_state_dict(d_from_unconditional(D, w['D'], path))
-    what = ['G'] + ['G_ema'] * (G_ema is not None) + ['D'] * (D is not None and w['D'] is not None)
-    what = f'{", ".join(what[:-1])} and {what[-1]}' if len(what) > 1 else 'G'
+        loaded.append('D')
+    what = ', '.join(loaded[:-1]) + ' and ' + loaded[-1] if len(loaded) > 1 else 'G'
     return f'--init-g: {what} from {path} (dcgan.py, epoch {w["epoch"]:.2f})'
 
 

@@ -275,7 +275,7 @@ def train(args):
     D.apply(init_weights)
     # a second copy of G whose weights trail G's: it samples, G trains
     G_ema = recipes.ema_copy(G, run.prepare(Generator(**model_args))) if args.ema_kimg else None
-    if args.init_g:   # (a resumed run then loads its own weights over these)
+    if args.init_g and not run.resumed:   # a resumed run loads its own weights: the source may be gone
         run.log(recipes.init_from_unconditional(G, args.init_g, model_args, CondBatchNorm2d, G_ema, D))
     g_params = (recipes.finetune_param_groups(G, CondBatchNorm2d, args.lr_g, args.init_g_lr) if args.init_g
                 else G.parameters())

@@ -568,3 +568,5 @@ def test_init_g_from_a_dcgan_run_starts_d_too(module, faces, tmp_path):
     assert 'G, G_ema and D from' in (tmp_path / 'run' / 'log.txt').read_text()
     with pytest.raises(UserError, match='the --ndf and --r1'):
         train(module, faces, LABELS, tmp_path / 'wide', *flags, '--ndf', '16')
+    os.remove(tmp_path / 'dc' / 'ckpt.pt')   # a resumed run needs only its own checkpoint
+    train(module, faces, LABELS, tmp_path / 'run', '--resume', '--epochs', '2')
