@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+import common
+
 NOT_LOSSES = ('step', 'epoch', 'img_per_s', 'fid', 'kid')
 
 
@@ -70,14 +72,27 @@ def plot_losses(csv_path, png_path):
     return names
 
 
+def read_scores(csv_path):
+    """A CSV of run,epoch,hours,fid,... rows -> a dict per row. A row with more fields than the header (a run name
+    with a comma in it) would shift every number one column: a one-line error instead."""
+    if not os.path.isfile(csv_path):
+        common.fail(f'{csv_path}: no such file; give a CSV of run,epoch,hours,fid rows (results/fid_curve.csv)')
+    with open(csv_path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    for i, r in enumerate(rows):
+        if None in r:
+            common.fail(f'{csv_path} line {i + 2}: more fields than its header; a run name with a comma? '
+                        f'quote it or drop the comma: {r["run"]!r}')
+    return rows
+
+
 def plot_score_curves(csv_path, png_path, x='hours', y='fid', xlabel='hours of training on 2 CPU cores',
                       ylabel='FID (2,048 samples, log scale)'):
     """FID against hours, one line per run of a CSV with a `run` column (results/fid_curve.csv), one panel per
     model family (the run name's first word, less `-DA`: DCGAN, WACGAN-GP, ...) with its legend beside it: a family's runs
     differ by colour, and the shared axes compare the families. Log y axis: the curves fall over an order of
     magnitude. Returns {family: [runs]}."""
-    with open(csv_path, newline='') as f:
-        rows = list(csv.DictReader(f))
+    rows = read_scores(csv_path)
     families = {}
     for run in dict.fromkeys(r['run'] for r in rows):
         families.setdefault(run.split()[0].removesuffix('-DA'), []).append(run)   # DCGAN-DA is a DCGAN
@@ -119,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    common.main_guard(main)

@@ -13,6 +13,7 @@ import plots
 import recipes
 import sampling
 from common import UserError
+from conftest import ROOT
 
 
 def write(path, mode, size, colour):
@@ -165,6 +166,12 @@ def test_plots_and_gif(tmp_path):
         'DCGAN': ['DCGAN a', 'DCGAN-DA b'], 'LSGAN': ['LSGAN c'], 'WACGAN-GP': ['WACGAN-GP d']}
     pixels = {tuple(p) for p in np.asarray(Image.open(tmp_path / 'f.png').convert('RGB')).reshape(-1, 3)}
     assert {(0x1f, 0x77, 0xb4), (0xff, 0x7f, 0x0e)} <= pixels and (0x2c, 0xa0, 0x2c) not in pixels   # C0, C1; no C2
+    # a run name with a comma shifts its numbers a column: refused, naming the line
+    scores.write_text('run,epoch,hours,fid\nDCGAN a,1,0.5,300\nDCGAN (--diffaug translation,cutout),2,1.0,200\n')
+    with pytest.raises(UserError, match=r'fid_curve.csv line 3: more fields than its header'):
+        plots.plot_score_curves(str(scores), str(tmp_path / 'h.png'))
+    assert not os.path.exists(tmp_path / 'h.png')
+    assert plots.read_scores(os.path.join(ROOT, 'results', 'fid_curve.csv'))   # the committed curve parses
     for i in range(3):
         sampling.save_grid(torch.rand(4, 3, 8, 8) * 2 - 1, str(tmp_path / 'g' / f'{i}.png'), nrow=2)
     sampling.make_gif(str(tmp_path / 'g'), str(tmp_path / 'p.gif'))
