@@ -22,7 +22,8 @@ and Adam 1e-4, betas (0.5, 0.9) as in the paper. Flags as in acgan.py, each meas
                               the copied layers frozen, --init-g-lr 0, and the class loss at 1, FID goes 42 -> 53.5
                               by epoch 6 with eyes at 40%: results/notes/conditional.md)
     --init-g RUN/ckpt.pt      the same from a dcgan.py run's checkpoint, with its D: the critic starts as that
-                              D (new class heads, projection at 0), as old as G (not yet measured)
+                              D (new class heads, projection at 0), as old as G (measured from its epoch 32:
+                              62.9 one epoch on against the DCGAN's 58.0, 80.4 at two as the labels start)
 
     python wacgan_gp.py --data faces/ --labels labels.csv --epochs 50
     python wacgan_gp.py --data faces/ --labels labels.csv --recipe best   # the flags of the shipped WACGAN-GP
