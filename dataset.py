@@ -108,7 +108,7 @@ def load_images(src, size=64, cache=None, log=print):
         saved = torch.load(cache, weights_only=True)
         if saved.get('stamp') == stamp:
             return saved['images'], saved['files']
-    log(f'decoding {len(items)} images from {src}' + (' (once: later runs read the cache)' if cache else ''))
+    log(f'decoding {len(items)} images from {src}' + (f' (once: a resumed run reads {cache})' if cache else ''))
     images, names = decode_all(items, size, src, log)
     if cache:
         atomic_save({'images': images, 'files': names, 'stamp': stamp}, cache)
