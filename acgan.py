@@ -33,7 +33,8 @@ Flags as in dcgan.py, each measured in results/notes/conditional.md:
     --init-g RUN/ckpt.pt      the same from a dcgan.py run's checkpoint, with its D: the D starts as that
                               D (new class heads, projection at 0), as old as G (measured from its epoch 16: 11
                               behind the DCGAN while the eyes are learnt, level with it 8-12 epochs on, every
-                              control bar passed, 66.8 against 66.0 at the DCGAN's 28; 7 behind at 32)
+                              control bar passed, 66.8 against 66.0 at the DCGAN's 28; then flat at 65-68 as
+                              the DCGAN fell to 58.0 by 32 after its halving)
 
     python label.py predict ...                                  # labels for a whole dataset (see label.py)
     python acgan.py --data faces/ --labels labels.csv --epochs 50
