@@ -47,10 +47,10 @@ def make_toy(root):
 
 # How each script learns the toy's colour from the label in a few hundred steps. Checked on seeds 0-3 in
 # fp32 (asked red minus asked blue: acgan >= 174 on one thread and on two, wacgan_gp >= 268; acgan at 60
-# epochs ranged 29-171 and its outcome hung on the thread count, which orders the float sums); with the paper's class weight (1)
-# ACGAN's control on this toy is a coin flip of the seed and precision (our reading: its D also classifies the fakes
-# by their labels, so G can pass by making any difference D reads, not the colour). fp32 keeps the run the
-# same on every CPU (auto would pick bf16 where it is native).
+# epochs ranged 29-171 and passed or failed with the thread count, which orders the float sums); with the
+# paper's class weight (1) ACGAN's control on this toy is a coin flip of the seed and precision (our reading:
+# its D also classifies the fakes by their labels, so G can pass by making any difference D reads, not the
+# colour). fp32 keeps the run the same on every CPU (auto would pick bf16 where it is native).
 TOY_FLAGS = {'acgan': ['--epochs', '100', '--lr-g', '2e-3', '--lr-d', '2e-3', '--cls-weight', '5'],
              'wacgan_gp': ['--epochs', '120', '--lr-g', '1e-3', '--lr-d', '1e-3', '--n-critic', '2', '--cls-weight', '10']}
 
