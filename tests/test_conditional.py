@@ -531,6 +531,26 @@ def test_init_g_starts_from_a_dcgan_file(module, faces, tmp_path):
         train(module, faces, LABELS, tmp_path / 'wide', *flags, '--ngf', '16')
 
 
+def test_acgan_recipe_from_dcgan_is_two_stages(faces, tmp_path):
+    """acgan.py --recipe from-dcgan is the tail of a dcgan.py run: without --init-g, a one-line error naming the first
+    stage's command and no run folder; with the checkpoint of `dcgan.py --recipe best --diffaug
+    translation,cutout`, it trains with FROM_DCGAN's flags from that run's G, G_ema and D, and resumes."""
+    import dcgan
+    with pytest.raises(UserError, match=r'second stage of two: pass --init-g RUN/ckpt.pt from `python dcgan.py'):
+        train(acgan, faces, LABELS, tmp_path / 'none', '--recipe', 'from-dcgan', '--epochs', '1')
+    assert not os.path.exists(tmp_path / 'none' / 'ckpt.pt')
+    dcgan.main(['--data', faces, '--out', str(tmp_path / 'dc'), *TINY, '--recipe', 'best', '--diffaug',
+                'translation,cutout', '--epochs', '1'])
+    ckpt = train(acgan, faces, LABELS, tmp_path / 'ac', '--recipe', 'from-dcgan', '--init-g', str(tmp_path / 'dc' / 'ckpt.pt'),
+                 '--epochs', '1')
+    assert 'G, G_ema and D from' in (tmp_path / 'ac' / 'log.txt').read_text()
+    recipe = {k: v for k, v in acgan.FROM_DCGAN.items() if k != 'epochs'}
+    assert {k: ckpt['args'][k] for k in recipe} == recipe and ckpt['args']['recipe'] == 'from-dcgan'
+    assert ckpt['model_args']['cond_bn'] and ckpt['model_args']['upsample']
+    assert train(acgan, faces, LABELS, tmp_path / 'ac', '--resume', '--epochs', '2')['args']['init_g'] == str(
+        tmp_path / 'dc' / 'ckpt.pt')
+
+
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_init_g_from_a_dcgan_run_starts_d_too(module, faces, tmp_path):
     """--init-g RUN/ckpt.pt: G, G_ema and D from a dcgan.py run, so that D starts as old as G: D(x, y) scores
