@@ -96,6 +96,9 @@ def base_parser(script, doc, epochs, batch_size, sizes=(64,)):
     a('--export', default=None, metavar='OUT.pt',
       help='only export: write the generator of --ckpt that samples (the EMA one where kept) in fp16 with its '
       'args, small enough to share and to --sample from alone, then exit')
+    a('--export-d', action='store_true',
+      help='with --export: keep the trained G and D too (fp16, ~3x the size), so that the file can start a '
+      'conditional fine-tune with a D as old as its G: `acgan.py --recipe from-dcgan --init-g OUT.pt` (default: off)')
     return p
 
 
@@ -170,7 +173,7 @@ def parse_args(parser, argv=None, renamed=None):
         saved = dict(load_checkpoint(path)['args'])
         for old, new in (renamed or {}).items():
             saved.update({n: saved[old] for n in new if old in saved})
-        known = {a.dest for a in parser._actions} - {'resume', 'sample', 'ckpt', 'export'}
+        known = {a.dest for a in parser._actions} - {'resume', 'sample', 'ckpt', 'export', 'export_d'}
         parser.set_defaults(**{k: v for k, v in saved.items() if k in known})
         args = parser.parse_args(argv)
     if args.sample or args.export:
@@ -197,6 +200,8 @@ def check_args(parser, args):
         ok = False
     if not ok:
         parser.error(f'--lr-halve-at: expected a comma list of positive epochs such as 28,44, got {args.lr_halve_at!r}')
+    if args.export_d and not args.export:
+        parser.error('--export-d goes with --export OUT.pt: it keeps G and D in the exported file')
     if args.fid_every and args.fid_n < 2:
         parser.error(f'--fid-n must be at least 2 (FID needs a covariance; 2048+ for numbers that compare), got {args.fid_n}')
     if args.fid_every and not (args.fid_stats and os.path.isfile(args.fid_stats)):

@@ -18,12 +18,15 @@ from common import HERE, atomic_save, fail, load_checkpoint, pick_device
 from dataset import parse_attrs
 
 
-def generator_checkpoint(ckpt, half=False):
-    """The part of a training checkpoint needed to sample: small enough to share (fp16 with half=True)."""
+def generator_checkpoint(ckpt, half=False, with_d=False):
+    """The part of a training checkpoint needed to sample: small enough to share (fp16 with half=True). with_d
+    keeps the trained G and D beside it (not the optimisers): what a fine-tune from this run starts from."""
     name = ckpt['sample_model']
-    sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt['models'][name].items()}
+    names = [name] + [k for k in ('G', 'D') if with_d and k != name and k in ckpt['models']]
+    models = {n: {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt['models'][n].items()}
+              for n in names}
     keep = ('format', 'script', 'model_args', 'args', 'step', 'epoch', 'fixed', 'versions')
-    return {**{k: ckpt[k] for k in keep}, 'models': {name: sd}, 'sample_model': name}
+    return {**{k: ckpt[k] for k in keep}, 'models': models, 'sample_model': name}
 
 
 def load_generator(ckpt, device='cpu'):
@@ -132,8 +135,9 @@ def sample_main(args, sample_inputs, configure=None, extras=None):
     path = args.ckpt
     ckpt = load_checkpoint(path)
     if args.export:
-        atomic_save(generator_checkpoint(ckpt, half=True), args.export)
-        print(f'wrote {args.export} ({os.path.getsize(args.export) / 2**20:.1f} MiB: fp16 {ckpt["sample_model"]} of step '
+        export = generator_checkpoint(ckpt, half=True, with_d=getattr(args, 'export_d', False))
+        atomic_save(export, args.export)
+        print(f'wrote {args.export} ({os.path.getsize(args.export) / 2**20:.1f} MiB: fp16 {", ".join(export["models"])} of step '
               f'{ckpt["step"]} of {path}); sample it with: python {ckpt["script"]}.py --sample 64 --ckpt {args.export}')
         if not args.sample:
             return args.export

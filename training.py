@@ -259,7 +259,7 @@ class Run:
                  f'batch {self.args.batch_size}{f" x{self.world} processes" if self.world > 1 else ""}, device {self.device}, '
                  f'precision {str(self.dtype or "fp32").replace("torch.", "")}, out {self.out}')
         self.log('flags in force: ' + ' '.join(f'--{k.replace("_", "-")} {v}' for k, v in sorted(vars(self.args).items())
-                                               if k not in ('sizes', 'sample', 'ckpt', 'export', 'attr')))
+                                               if k not in ('sizes', 'sample', 'ckpt', 'export', 'export_d', 'attr')))
         self.progress.start(s.step)
         if s.step == 0 and self.main:
             self.grid()

@@ -551,6 +551,31 @@ def test_acgan_recipe_from_dcgan_is_two_stages(faces, tmp_path):
         tmp_path / 'dc' / 'ckpt.pt')
 
 
+def test_export_d_keeps_what_a_fine_tune_starts_from(faces, tmp_path):
+    """dcgan.py --export OUT.pt --export-d: the sampling G_ema plus the trained G and D in fp16 (no optimisers), so
+    that the file alone starts the second stage as the run's ckpt.pt does: acgan.py --init-g loads G, G_ema and D
+    from it, equal to the run's weights to fp16 rounding. Plain --export keeps G_ema only; --export-d alone is an
+    error."""
+    import dcgan
+    dc = tmp_path / 'dc'
+    dcgan.main(['--data', faces, '--out', str(dc), *TINY, '--recipe', 'best', '--epochs', '1'])
+    dcgan.main(['--ckpt', str(dc / 'ckpt.pt'), '--export', str(tmp_path / 'g.pt')])
+    dcgan.main(['--ckpt', str(dc / 'ckpt.pt'), '--export', str(tmp_path / 'gd.pt'), '--export-d'])
+    run, g, gd = (common.load_checkpoint(str(p)) for p in (dc / 'ckpt.pt', tmp_path / 'g.pt', tmp_path / 'gd.pt'))
+    assert list(g['models']) == ['G_ema'] and sorted(gd['models']) == ['D', 'G', 'G_ema']
+    assert 'optims' in run and 'optims' not in gd and gd['sample_model'] == 'G_ema'
+    for name, sd in gd['models'].items():
+        for k, v in sd.items():
+            ref = run['models'][name][k]
+            assert (v.dtype == torch.float16) == ref.is_floating_point()
+            assert torch.allclose(v.float(), ref.float(), rtol=1e-3, atol=1e-4), (name, k)
+    ckpt = train(acgan, faces, LABELS, tmp_path / 'ac', '--recipe', 'from-dcgan', '--init-g', str(tmp_path / 'gd.pt'),
+                 '--epochs', '1')
+    assert 'G, G_ema and D from' in (tmp_path / 'ac' / 'log.txt').read_text() and ckpt['epoch'] == 1
+    with pytest.raises(SystemExit):
+        dcgan.main(['--ckpt', str(dc / 'ckpt.pt'), '--export-d'])
+
+
 @pytest.mark.parametrize('module', SCRIPTS, ids=ids)
 def test_init_g_from_a_dcgan_run_starts_d_too(module, faces, tmp_path):
     """--init-g RUN/ckpt.pt: G, G_ema and D from a dcgan.py run, so that D starts as old as G: D(x, y) scores
