@@ -43,6 +43,7 @@ Flags as in dcgan.py, each measured in results/notes/conditional.md:
     python acgan.py --data faces/ --labels labels.csv --recipe best   # the flags of the shipped ACGAN
     python dcgan.py --data faces/ --out runs/dcgan28 --recipe best --diffaug translation,cutout --epochs 28
     python acgan.py --data faces/ --labels labels.csv --recipe from-dcgan --init-g runs/dcgan28/ckpt.pt   # two stages
+    python acgan.py --data faces/ --labels labels.csv --recipe from-dcgan --init-g results/dcgan_epoch28_GD.pt   # its tail alone
     python acgan.py --out runs/acgan --resume                    # continue a stopped run exactly
     python acgan.py --sample 64 --ckpt runs/acgan/ckpt.pt --attr hair=blonde --attr eyes=blue
 
@@ -71,6 +72,7 @@ BEST = dict(upsample=True, r1=0.1, fake_label=0.0, ema_kimg=10.0, diffaug='trans
 # labels in a short tail at the DCGAN's rate after its first halving, labels into G's BatchNorms and D's projection:
 #   python dcgan.py --data faces/ --out runs/dcgan28 --recipe best --diffaug translation,cutout --epochs 28
 #   python acgan.py --data faces/ --labels labels.csv --recipe from-dcgan --init-g runs/dcgan28/ckpt.pt
+# results/dcgan_epoch28_GD.pt is such a first stage, exported with its D (dcgan.py --export-d): the tail alone from it.
 FROM_DCGAN = dict(upsample=True, r1=0.1, fake_label=0.0, ema_kimg=10.0, diffaug='translation,cutout', cond_bn=True,
                   projection=True, cls_weight=0.3, lr_g=1e-4, lr_d=1e-4, epochs=8)
 
@@ -102,7 +104,8 @@ def get_args(argv=None):
     common.add_recipe_arg(p, BEST, 'results/acgan_G.pt, FID 66.5 on 10,000 samples, the epoch-56 snapshot of a run '
                           'halved at epochs 28 and 44', more={'from-dcgan': (FROM_DCGAN, 'the second of two stages: '
                           'needs --init-g RUN/ckpt.pt from `dcgan.py --recipe best --diffaug translation,cutout --epochs '
-                          '28`; measured 58.4 on 2,048 samples, not yet shipped')})
+                          '28`, or that first stage as committed, --init-g results/dcgan_epoch28_GD.pt; measured 58.4 '
+                          'on 2,048 samples, not yet shipped')})
     return common.parse_args(p, argv)
 
 
@@ -308,7 +311,8 @@ def build(args, run, label_args):
 def train(args):
     if args.recipe == 'from-dcgan' and not (args.init_g or args.resume):
         common.fail('--recipe from-dcgan is the second stage of two: pass --init-g RUN/ckpt.pt from `python dcgan.py '
-                    '--data faces/ --out RUN --recipe best --diffaug translation,cutout --epochs 28`')
+                    '--data faces/ --out RUN --recipe best --diffaug translation,cutout --epochs 28`, or the committed '
+                    'first stage, --init-g results/dcgan_epoch28_GD.pt')
     run = training.Run(args, 'acgan')
     images = run.load_images()
     labels, label_args = run.load_labels()

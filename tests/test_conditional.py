@@ -536,7 +536,8 @@ def test_acgan_recipe_from_dcgan_is_two_stages(faces, tmp_path):
     stage's command and no run folder; with the checkpoint of `dcgan.py --recipe best --diffaug
     translation,cutout`, it trains with FROM_DCGAN's flags from that run's G, G_ema and D, and resumes."""
     import dcgan
-    with pytest.raises(UserError, match=r'second stage of two: pass --init-g RUN/ckpt.pt from `python dcgan.py'):
+    with pytest.raises(UserError, match=r'second stage of two: pass --init-g RUN/ckpt.pt from `python dcgan.py.*'
+                       r'or the committed first stage, --init-g results/dcgan_epoch28_GD.pt'):
         train(acgan, faces, LABELS, tmp_path / 'none', '--recipe', 'from-dcgan', '--epochs', '1')
     assert not os.path.exists(tmp_path / 'none' / 'ckpt.pt')
     dcgan.main(['--data', faces, '--out', str(tmp_path / 'dc'), *TINY, '--recipe', 'best', '--diffaug',
