@@ -135,7 +135,7 @@ def sample_main(args, sample_inputs, configure=None, extras=None):
     path = args.ckpt
     ckpt = load_checkpoint(path)
     if args.export:
-        export = generator_checkpoint(ckpt, half=True, with_d=getattr(args, 'export_d', False))
+        export = generator_checkpoint(ckpt, half=True, with_d=args.export_d)
         atomic_save(export, args.export)
         print(f'wrote {args.export} ({os.path.getsize(args.export) / 2**20:.1f} MiB: fp16 {", ".join(export["models"])} of step '
               f'{ckpt["step"]} of {path}); sample it with: python {ckpt["script"]}.py --sample 64 --ckpt {args.export}')
